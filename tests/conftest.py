@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny official-format checkpoints built once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from xtuner_vl.tiny.checkpoints import make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_ckpt(family, **config_overrides)`` -> directory of a tiny checkpoint (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def build(family: str, **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            name = family + "".join(f"-{k}{v}" for k, v in key[1])
+            cache[key] = make_tiny(family, tmp_path_factory.mktemp(name), **overrides)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,124 @@
+"""Load the tokenizer of an official InternVL directory on transformers 5, without its remote code.
+
+InternLM2 directories name the remote ``InternLM2Tokenizer`` (``auto_map`` to the checkpoint's own .py
+files); we return our re-implementation with the same ids instead. Every other family (Phi-3 and Yi say
+``LlamaTokenizer``, Qwen2 ``Qwen2Tokenizer``) names a class built into transformers, loaded by
+``AutoTokenizer`` with ``trust_remote_code=False``. No file of the directory is ever imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import transformers
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from xtuner_vl.model.internlm2_tokenizer import InternLM2Tokenizer
+
+__all__ = ["IMG_CONTEXT_TOKEN", "img_context_token_id", "load_tokenizer"]
+
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+_INTERNLM2_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
+_LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _read_config(directory: Path) -> dict:
+    config_file = directory / "tokenizer_config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: not an InternVL checkpoint / tokenizer directory")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+
+
+def _is_internlm2(config: dict) -> bool:
+    if config.get("tokenizer_class") in _INTERNLM2_CLASSES:
+        return True
+    remote = (config.get("auto_map") or {}).get("AutoTokenizer") or []
+    remote = [remote] if isinstance(remote, str) else remote
+    named_remote = any(str(r).startswith("tokenization_internlm2") for r in remote)
+    return not config.get("tokenizer_class") and named_remote
+
+
+def _sentencepiece_prefix_kwargs(directory: Path, config: dict) -> dict:
+    """``add_prefix_space`` that makes transformers 5 prepend ``▁`` exactly where transformers 4.37's slow
+    ``LlamaTokenizer`` (what InternVL trained with) did, for directories with only ``tokenizer.model``.
+
+    transformers 5 rebuilds such a tokenizer assuming a dummy prefix; the slow 4.37 class instead followed
+    the model's own ``add_dummy_prefix`` on every chunk (``legacy``, the default) or always prefixed only the
+    start of the text (``legacy: false``). Yi (InternVL2-40B) has no dummy prefix. With a ``tokenizer.json``
+    present, or a non-Llama class, nothing is overridden.
+    """
+    model_file = directory / "tokenizer.model"
+    if config.get("tokenizer_class") not in _LLAMA_CLASSES or "add_prefix_space" in config:
+        return {}
+    if (directory / "tokenizer.json").is_file() or not model_file.is_file():
+        return {}
+    if config.get("legacy") is False:
+        return {"add_prefix_space": True}
+    proto = sp_pb2.ModelProto.FromString(model_file.read_bytes())
+    return {"add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix), "legacy": True}
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of an official InternVL (1.5 / 2) directory, never executing its code.
+
+    Args:
+        path: directory holding ``tokenizer_config.json`` and the family's vocabulary files.
+
+    Returns:
+        Our :class:`InternLM2Tokenizer` for InternLM2 directories, else the transformers built-in class named
+        by ``tokenizer_class`` (via ``AutoTokenizer``, ``trust_remote_code=False``).
+
+    Raises:
+        FileNotFoundError: the directory, its ``tokenizer_config.json`` or (InternLM2) ``tokenizer.model`` is
+            missing.
+        ValueError: ``tokenizer_config.json`` is not valid JSON, or names a remote-code class we do not
+            re-implement.
+    """
+    directory = Path(path)
+    config = _read_config(directory)
+    if _is_internlm2(config):
+        model_file = directory / "tokenizer.model"
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{model_file} is missing: InternLM2 needs the sentencepiece model")
+        return InternLM2Tokenizer.from_pretrained(str(directory))
+    name = config.get("tokenizer_class")
+    if (config.get("auto_map") or {}).get("AutoTokenizer") and not (name and hasattr(transformers, name)):
+        raise ValueError(
+            f"{directory / 'tokenizer_config.json'} names a remote-code tokenizer ({name!r}, auto_map"
+            f" {config['auto_map']['AutoTokenizer']}); xtuner-vl never runs checkpoint code and supports the"
+            " InternLM2, Phi-3 / Llama (sentencepiece) and Qwen2 tokenizers of the official InternVL releases"
+        )
+    kwargs = _sentencepiece_prefix_kwargs(directory, config)
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
+
+
+def img_context_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Id of ``<IMG_CONTEXT>``, the placeholder that the projected ViT tokens replace.
+
+    Args:
+        tokenizer: a tokenizer from :func:`load_tokenizer`.
+
+    Returns:
+        The id, as a single token (never split).
+
+    Raises:
+        ValueError: the tokenizer has no ``<IMG_CONTEXT>`` token (not an InternVL tokenizer).
+    """
+    name = tokenizer.name_or_path or type(tokenizer).__name__
+    token_id = tokenizer.get_vocab().get(IMG_CONTEXT_TOKEN)
+    if token_id is None:
+        raise ValueError(
+            f"tokenizer {name!r} has no {IMG_CONTEXT_TOKEN} token; is it the tokenizer of an InternVL"
+            " checkpoint (not of the bare LLM)?"
+        )
+    if tokenizer.encode(IMG_CONTEXT_TOKEN, add_special_tokens=False) != [token_id]:
+        raise ValueError(f"tokenizer {name!r} splits {IMG_CONTEXT_TOKEN}; it must be one added token")
+    return int(token_id)
