@@ -1,5 +1,5 @@
-"""Tokenizers of the official InternVL families: tiny on-disk copies, loading without remote code, and
-our InternLM2 tokenizer against the official algorithm (split on added tokens, sentencepiece each chunk)."""
+"""Tokenizers of the official InternVL families: tiny on-disk copies, loading without remote code, and our
+InternLM2 / Llama sentencepiece tokenizers against the official transformers 4.37 slow algorithms."""
 
 import json
 import re
@@ -11,6 +11,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import Tokenizer
 
 from xtuner_vl.model.internlm2_tokenizer import OFFICIAL_AUTO_MAP, InternLM2Tokenizer
+from xtuner_vl.model.llama_sp_tokenizer import LlamaSentencePieceTokenizer
 from xtuner_vl.model.tokenizer import img_context_token_id, load_tokenizer
 from xtuner_vl.tiny.tokenizers import IMAGE_TOKENS, INTERNLM2_CHAT_TOKENS, PHI3_TOKENS, write_tiny_tokenizer
 
@@ -48,6 +49,12 @@ TRICKY = [
     "<|plugin|><|interpreter|><|action_start|><|action_end|>", "<|im_start|", "<<img>>", "<IMG_CONTEXT",
     "数字 12345 and 678.9", "emoji 🐉 and ü é ñ", "tab\tsep", "▁underline ▁x", "trailing space ",
     "Hello, world! It's a test; isn't it? (yes) [no] {maybe}",
+]
+LLAMA_TRICKY = [
+    *TRICKY, "<|system|>", "<|system|>\nYou are Phi-3.<|end|>\n<|user|>\n<img><IMG_CONTEXT></img>\nWhat?<|end|>\n"
+    "<|assistant|>\n", "<|user|>\nhi<|end|><|assistant|>\n A cat. <|end|>", "<|user|>  spaced", "x <|user|> y",
+    "<img>x", " <img>", "▁<img>", "▁<|user|>", "▁", " ▁", "▁▁x", "   leading three", "\n<|end|>\n",
+    "<|startoftext|>hi<|endoftext|>", " <|endoftext|> a", "<|im_start|>user\n hi<|im_end|>", "</s>\n x",
 ]
 
 
@@ -91,6 +98,7 @@ def test_tiny_files_class_and_size(tiny: dict, family: str) -> None:
     if family == "internlm2":
         assert isinstance(tokenizer, InternLM2Tokenizer)
         assert config["auto_map"] == OFFICIAL_AUTO_MAP
+    assert isinstance(tokenizer, LlamaSentencePieceTokenizer) == (CLASSES[family] == "LlamaTokenizer")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -144,7 +152,9 @@ def test_image_context_and_chat_markers_are_single_tokens(tiny: dict, family: st
     for marker in CHAT_MARKERS[family]:
         marker_id = tokenizer.convert_tokens_to_ids(marker)
         assert marker_id != tokenizer.unk_token_id
-        assert tokenizer.encode(marker, add_special_tokens=False) == [marker_id]
+        # Phi-3 (legacy: false): 4.37 keeps the text's leading "▁" before an added token that is not special.
+        prefix = [tokenizer.convert_tokens_to_ids("▁")] if family == "phi3" else []
+        assert tokenizer.encode(marker, add_special_tokens=False) == prefix + [marker_id]
         assert tokenizer.encode(f"hi{marker}there", add_special_tokens=False).count(marker_id) == 1
 
 
@@ -231,6 +241,118 @@ def test_llama_sentencepiece_dir_follows_its_model(tiny: dict) -> None:
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False) == [
         start, *sp.encode("user\nhi"), end]
+
+
+def _reference_llama_ids(directory: Path, text: str, add_special_tokens: bool = True) -> list[int]:
+    """transformers 4.37.2 slow ``LlamaTokenizer``, computed directly with sentencepiece.
+
+    Non-legacy: the model runs without dummy prefix; the text gets a leading "▁" (its own "▁" become
+    spaces), dropped again when a special token follows; a chunk starting with a space is encoded after
+    "<unk>", whose pieces are cut off. Legacy: every chunk is plain sentencepiece. Chunks are what lies
+    between the added tokens (longest first), with the ``rstrip`` / ``lstrip`` flags applied."""
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    legacy = config.get("legacy") is not False
+    proto = sp_pb2.ModelProto.FromString((directory / "tokenizer.model").read_bytes())
+    proto.normalizer_spec.add_dummy_prefix &= legacy
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    added = {e["content"]: (int(i), e) for i, e in config["added_tokens_decoder"].items()}
+    specials = {config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)}
+    specials |= set(config["additional_special_tokens"])
+    if not legacy and text:
+        text = "▁" + text.replace("▁", " ")
+    chunks = re.split("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")", text)
+    for i in range(1, len(chunks), 2):  # odd positions hold the added tokens
+        entry = added[chunks[i]][1]
+        if entry["rstrip"]:
+            chunks[i + 1] = chunks[i + 1].lstrip()
+        if entry["lstrip"]:
+            chunks[i - 1] = chunks[i - 1].rstrip()
+    pieces: list[tuple[bool, str]] = []  # (is an added token, piece)
+    for i, chunk in enumerate(chunks):
+        if i % 2:
+            pieces.append((True, chunk))
+        elif chunk and not legacy and chunk.startswith((" ", "▁")):
+            cut = len(sp.encode("<unk>"))
+            pieces += [(False, p) for p in sp.encode("<unk>" + chunk, out_type=str)[cut:]]
+        elif chunk:
+            pieces += [(False, p) for p in sp.encode(chunk, out_type=str)]
+    if not legacy and len(pieces) > 1 and pieces[0] == (False, "▁") and pieces[1][1] in specials:
+        pieces = pieces[1:]
+    ids = [added[p][0] if is_added else sp.piece_to_id(p) for is_added, p in pieces]
+    if add_special_tokens:
+        ids = [added[config["bos_token"]][0]] * config["add_bos_token"] + ids
+        ids += [added[config["eos_token"]][0]] * config["add_eos_token"]
+    return ids
+
+
+@pytest.mark.parametrize("legacy", (None, True, False))
+@pytest.mark.parametrize("family", ("phi3", "llama"))
+def test_llama_family_matches_official_algorithm(tiny: dict, tmp_path: Path, family: str, legacy: bool | None) -> None:
+    directory = tiny[family][0]
+    if legacy is not None:  # the other legacy setting on the same model (None: as released)
+        directory = _copy_dir(directory, tmp_path / "dir")
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config["legacy"] = legacy
+        (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tokenizer = load_tokenizer(directory)
+    assert tokenizer.legacy == json.loads((directory / "tokenizer_config.json").read_text())["legacy"]
+    for text in LLAMA_TRICKY:
+        assert tokenizer(text)["input_ids"] == _reference_llama_ids(directory, text), text
+        assert tokenizer.encode(text, add_special_tokens=False) == _reference_llama_ids(directory, text, False)
+
+
+def test_llama_family_official_quirks(tiny: dict) -> None:
+    # Outputs of transformers 4.37.2's slow LlamaTokenizer on these tiny directories.
+    phi3 = load_tokenizer(tiny["phi3"][0])  # legacy: false
+    assert phi3.tokenize("<|system|>\nhi")[:2] == ["▁", "<|system|>"]  # <|system|> is no special token
+    assert phi3("<|system|>")["input_ids"] == [1, phi3.convert_tokens_to_ids("▁"), 646]
+    assert phi3("<img>x")["input_ids"][:2] == [1, 651]  # <img> is: the "▁" is dropped
+    assert phi3.tokenize("  hello") == ["▁▁", "▁hello"]
+    cases = {
+        "hello": ("<s> hello", "hello"),
+        "<|system|>": ("<s>  <|system|>", "<|system|>"),
+        "<|user|>\nhi<|end|><|assistant|>\n A cat. <|end|>": (
+            "<s>  <|user|> hi <|end|> <|assistant|> A cat.  <|end|>",
+            "<|user|> hi <|end|> <|assistant|> A cat.  <|end|>",
+        ),
+        "text<s>more</s> <unk>end": ("<s> text<s>more </s> <unk>end", "textmore </s> end"),
+        "▁underline ▁x": ("<s>  underline  x", " underline  x"),
+    }
+    for text, (plain, skipped) in cases.items():
+        ids = phi3(text)["input_ids"]
+        assert (phi3.decode(ids), phi3.decode(ids, skip_special_tokens=True)) == (plain, skipped), text
+    yi = load_tokenizer(tiny["llama"][0])  # legacy, no dummy prefix
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n A cat. <|im_end|>"
+    ids = yi(text)["input_ids"]
+    assert yi.decode(ids) == "<|im_start|>  user\nhi<|im_end|>\n <|im_start|>  assistant\n A cat. <|im_end|>"
+    assert yi.decode(ids, skip_special_tokens=True) == "<|im_start|> user\nhi\n <|im_start|> assistant\n A cat. "
+    assert yi.decode(yi("  hello  world  ")["input_ids"]) == " hello  world  "
+
+
+@pytest.mark.parametrize("family", ("phi3", "llama"))
+def test_llama_family_save_pretrained_round_trip(tiny: dict, tmp_path: Path, family: str) -> None:
+    directory = tiny[family][0]
+    tokenizer = load_tokenizer(directory)
+    tokenizer.save_pretrained(tmp_path / "out")
+    for name in FILES[family]:  # byte for byte, tokenizer.json (phi3) copied through
+        assert (tmp_path / "out" / name).read_bytes() == (directory / name).read_bytes(), name
+    reloaded = load_tokenizer(tmp_path / "out")
+    for text in LLAMA_TRICKY:
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    # LlamaTokenizerFast and add_bos_token survive (transformers 5 drops the latter next to a tokenizer.json);
+    # a tokenizer.json that no longer matches the added tokens is not written.
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=not config["add_bos_token"])
+    edited = _copy_dir(directory, tmp_path / "edited")
+    (edited / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tokenizer = load_tokenizer(edited)
+    assert tokenizer.add_bos_token == config["add_bos_token"]
+    tokenizer.add_tokens(["<new_token>"])
+    tokenizer.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert (saved["tokenizer_class"], saved["add_bos_token"]) == ("LlamaTokenizerFast", config["add_bos_token"])
+    assert not (tmp_path / "again" / "tokenizer.json").exists()
+    assert load_tokenizer(tmp_path / "again").encode("a<new_token>", add_special_tokens=False)[-1] == len(tokenizer) - 1
 
 
 @pytest.mark.parametrize("family", ("phi3", "qwen2"))

@@ -13,10 +13,9 @@ from transformers import PreTrainedModel
 from xtuner_vl.model.configuration import InternVLConfig
 from xtuner_vl.model.intern_vit import InternVisionModel
 from xtuner_vl.model.llm import build_llm
+from xtuner_vl.structures import IGNORE_INDEX
 
 __all__ = ["InternVLChatModel", "InternVLOutput", "pixel_shuffle", "IGNORE_INDEX"]
-
-IGNORE_INDEX = -100
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v2") -> torch.Tensor:
@@ -147,7 +146,11 @@ class InternVLChatModel(nn.Module):
         """Recompute ViT and/or LLM layer activations in backward instead of storing them."""
         self.vision_model.encoder.gradient_checkpointing = vit
         if llm:
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm = self.language_model
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @torch.no_grad()
     def generate(

@@ -1,26 +1,32 @@
 """Load the tokenizer of an official InternVL directory on transformers 5, without its remote code.
 
-InternLM2 directories name the remote ``InternLM2Tokenizer`` (``auto_map`` to the checkpoint's own .py
-files); we return our re-implementation with the same ids instead. Every other family (Phi-3 and Yi say
-``LlamaTokenizer``, Qwen2 ``Qwen2Tokenizer``) names a class built into transformers, loaded by
-``AutoTokenizer`` with ``trust_remote_code=False``. No file of the directory is ever imported.
+The official fine-tuning code tokenizes with transformers 4.37.2's slow tokenizers (``use_fast=False``);
+the ids must be exactly theirs. InternLM2 directories name the remote ``InternLM2Tokenizer`` (``auto_map`` to
+the checkpoint's own .py files): we return our re-implementation with the same ids. Phi-3 and Yi directories
+name ``LlamaTokenizer``, whose transformers 5 version gives other ids than the 4.37 slow class: we return our
+:class:`LlamaSentencePieceTokenizer` (same ids and decode as 4.37 slow) when the directory has its
+``tokenizer.model``. Qwen2 (``Qwen2Tokenizer``) is built into transformers 5 with the 4.37 slow ids, loaded
+by ``AutoTokenizer`` with ``trust_remote_code=False``. No file of the directory is ever imported.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import transformers
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from xtuner_vl.model.internlm2_tokenizer import InternLM2Tokenizer
+from xtuner_vl.model.llama_sp_tokenizer import LlamaSentencePieceTokenizer
 
 __all__ = ["IMG_CONTEXT_TOKEN", "img_context_token_id", "load_tokenizer"]
 
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+logger = logging.getLogger(__name__)
+
 _INTERNLM2_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
 _LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 
@@ -46,26 +52,6 @@ def _is_internlm2(config: dict) -> bool:
     return not config.get("tokenizer_class") and named_remote
 
 
-def _sentencepiece_prefix_kwargs(directory: Path, config: dict) -> dict:
-    """``add_prefix_space`` that makes transformers 5 prepend ``▁`` exactly where transformers 4.37's slow
-    ``LlamaTokenizer`` (what InternVL trained with) did, for directories with only ``tokenizer.model``.
-
-    transformers 5 rebuilds such a tokenizer assuming a dummy prefix; the slow 4.37 class instead followed
-    the model's own ``add_dummy_prefix`` on every chunk (``legacy``, the default) or always prefixed only the
-    start of the text (``legacy: false``). Yi (InternVL2-40B) has no dummy prefix. With a ``tokenizer.json``
-    present, or a non-Llama class, nothing is overridden.
-    """
-    model_file = directory / "tokenizer.model"
-    if config.get("tokenizer_class") not in _LLAMA_CLASSES or "add_prefix_space" in config:
-        return {}
-    if (directory / "tokenizer.json").is_file() or not model_file.is_file():
-        return {}
-    if config.get("legacy") is False:
-        return {"add_prefix_space": True}
-    proto = sp_pb2.ModelProto.FromString(model_file.read_bytes())
-    return {"add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix), "legacy": True}
-
-
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load the tokenizer of an official InternVL (1.5 / 2) directory, never executing its code.
 
@@ -73,8 +59,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         path: directory holding ``tokenizer_config.json`` and the family's vocabulary files.
 
     Returns:
-        Our :class:`InternLM2Tokenizer` for InternLM2 directories, else the transformers built-in class named
-        by ``tokenizer_class`` (via ``AutoTokenizer``, ``trust_remote_code=False``).
+        Our :class:`InternLM2Tokenizer` for InternLM2 directories, our :class:`LlamaSentencePieceTokenizer`
+        for ``LlamaTokenizer`` / ``LlamaTokenizerFast`` directories with a ``tokenizer.model``, else the
+        transformers built-in class named by ``tokenizer_class`` (via ``AutoTokenizer``,
+        ``trust_remote_code=False``).
 
     Raises:
         FileNotFoundError: the directory, its ``tokenizer_config.json`` or (InternLM2) ``tokenizer.model`` is
@@ -96,8 +84,17 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             f" {config['auto_map']['AutoTokenizer']}); xtuner-vl never runs checkpoint code and supports the"
             " InternLM2, Phi-3 / Llama (sentencepiece) and Qwen2 tokenizers of the official InternVL releases"
         )
-    kwargs = _sentencepiece_prefix_kwargs(directory, config)
-    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
+    if name in _LLAMA_CLASSES and (directory / "tokenizer.model").is_file():
+        if name == "LlamaTokenizerFast":
+            # transformers 4.37's AutoTokenizer keeps a "...Fast" class even with use_fast=False.
+            logger.warning(
+                "%s names LlamaTokenizerFast: the official code (transformers 4.37) would tokenize with the"
+                " fast tokenizer there; xtuner-vl uses the slow LlamaTokenizer algorithm on tokenizer.model,"
+                " whose ids can differ",
+                directory / "tokenizer_config.json",
+            )
+        return LlamaSentencePieceTokenizer.from_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
 
 
 def img_context_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
