@@ -37,7 +37,8 @@ class Sample:
     pixel_values: torch.Tensor  # [tiles, 3, H, W] float
     image_flags: torch.Tensor  # [tiles] long, 1 real tile / 0 dummy tile
     source: str = ""  # data source name, for statistics
-    index: int = -1  # line index in its source
+    index: int = -1  # dataset index
+    tiles_reduced: bool = False  # tiles were cut below the budget to fit max_length
 
     @property
     def num_tokens(self) -> int:

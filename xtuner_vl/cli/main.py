@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from xtuner_vl.tiny.checkpoints import make_tiny
 
-    overrides = {}
-    if args.ps_version:
-        overrides["ps_version"] = args.ps_version
+    overrides = {"ps_version": args.ps_version} if args.ps_version else {}
     out = make_tiny(args.family, args.out_dir, seed=args.seed, **overrides)
     print(f"wrote tiny {args.family} checkpoint to {out}")
     return 0
@@ -26,11 +26,96 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(work_dir=args.work_dir, steps=args.steps)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from xtuner_vl.cli.launch import needs_torchrun, relaunch_with_torchrun
+
+    if needs_torchrun():
+        return relaunch_with_torchrun(sys.argv[1:] if args.argv is None else args.argv)
+    from xtuner_vl.recipes.train import exit_after_distributed_run, train
+
+    train(
+        args.config,
+        deepspeed=args.deepspeed,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        cfg_options=args.cfg_options,
+        seed=args.seed,
+    )
+    exit_after_distributed_run()
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from xtuner_vl.recipes.check_data import run_check_data
+
+    return run_check_data(args.config, args.cfg_options, args.workers, args.report)
+
+
+def _preview_data(args: argparse.Namespace) -> int:
+    from xtuner_vl.recipes.preview_data import preview_data
+
+    return preview_data(args.config, args.index, args.out, args.cfg_options)
+
+
+def _list_cfg(args: argparse.Namespace) -> int:
+    from xtuner_vl.recipes.config import list_configs
+
+    for name in list_configs(args.pattern):
+        print(name)
+    return 0
+
+
+def _copy_cfg(args: argparse.Namespace) -> int:
+    from xtuner_vl.recipes.config import find_config
+
+    src = find_config(args.name)
+    dst = Path(args.dir) / src.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    print(f"copied {src} to {dst}; edit it, then `xtuner-vl train {dst}` (its _base_ parts resolve from configs/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from xtuner_vl.recipes.config import DictAction
     from xtuner_vl.tiny.checkpoints import TINY_FAMILIES
 
     parser = argparse.ArgumentParser(prog="xtuner-vl", description="Fine-tune InternVL 1.5 / 2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a config (file or name under configs/)")
+    p.add_argument("config")
+    p.add_argument(
+        "--deepspeed", default=None, help="zero1|zero2|zero3|zero2_offload|zero3_offload|deepspeed_zero2|file.json"
+    )
+    p.add_argument("--work-dir", default=None, help="default: work_dirs/<config name>")
+    p.add_argument("--resume", default=None, help="auto (newest complete checkpoint) or a checkpoint path")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key=value overrides")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_train, argv=None)
+
+    p = sub.add_parser("check-data", help="validate every record of the config's data sources")
+    p.add_argument("config")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--report", default=None, help="also write the report to this file")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None)
+    p.set_defaults(func=_check_data)
+
+    p = sub.add_parser("preview-data", help="render one sample: tiles grid + prompt with trained spans marked")
+    p.add_argument("config")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out", default="sample.png")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None)
+    p.set_defaults(func=_preview_data)
+
+    p = sub.add_parser("list-cfg", help="list shipped configs")
+    p.add_argument("-p", "--pattern", default=None)
+    p.set_defaults(func=_list_cfg)
+
+    p = sub.add_parser("copy-cfg", help="copy a shipped config to a directory to edit it")
+    p.add_argument("name")
+    p.add_argument("dir")
+    p.set_defaults(func=_copy_cfg)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official InternVL format")
     p.add_argument("family", choices=sorted(TINY_FAMILIES), help="release family to mimic")
@@ -48,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train" and argv is not None:
+        args.argv = list(argv)
     return args.func(args)
 
 

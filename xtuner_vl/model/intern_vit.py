@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 from xtuner_vl.model.attention import vision_attention
 from xtuner_vl.model.configuration import VisionConfig
 
-__all__ = ["InternRMSNorm", "InternVisionModel"]
+__all__ = ["InternRMSNorm", "InternVisionModel", "set_drop_path_rate"]
 
 
 class InternRMSNorm(nn.Module):
@@ -168,3 +168,13 @@ class InternVisionModel(nn.Module):
             raise ValueError(f"pixel_values must be [tiles, 3, H, W], got shape {tuple(pixel_values.shape)}")
         states = self.encoder(self.embeddings(pixel_values), output_hidden_states=select_layer != -1)
         return states[select_layer]
+
+
+def set_drop_path_rate(model: InternVisionModel, rate: float) -> None:
+    """Stochastic depth rising linearly to ``rate`` over the layers (the official fine-tune override)."""
+    layers = model.encoder.layers
+    rates = torch.linspace(0, rate, len(layers), device="cpu").tolist()
+    for layer, r in zip(layers, rates, strict=True):
+        layer.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+        layer.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+    model.config.drop_path_rate = rate

@@ -1,0 +1,8 @@
+# QLoRA fine-tune of OpenGVLab/Mini-InternVL-Chat-2B-V1-5 (InternViT-300M + internlm2-chat-1_8b, template internlm2-chat).
+# xtuner's seed recipe: LLM linears in 4-bit nf4 with double quantization (bitsandbytes), LoRA r128 / alpha 256
+# on all LLM linears, ViT and mlp1 unquantized, mlp1 trained; the LoRA schedule of this model otherwise.
+# 4-bit weights cannot be sharded by ZeRO-3, so QLoRA runs on ZeRO-2 at most.
+_base_ = ['./internvl_v1_5_internlm2_2b_lora.py']
+
+model = dict(llm_lora_rank=128, lora_alpha=256, quantize_llm=True)
+runtime = dict(deepspeed='zero1')

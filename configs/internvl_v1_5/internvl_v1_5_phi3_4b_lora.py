@@ -1,0 +1,14 @@
+# LoRA fine-tune of OpenGVLab/Mini-InternVL-Chat-4B-V1-5 (InternViT-300M + Phi-3-mini-128k (su rope), template phi3-chat).
+# Official recipe (REFERENCE.md section 7, *_lora.sh): LoRA r16 on the LLM (alpha 2r, dropout 0.05, official
+# target modules), ViT frozen, mlp1 trained, lr 4e-05, weight decay 0.01, 4 per GPU, global batch 16
+# on 2 GPUs, DeepSpeed ZeRO-1.
+_base_ = [
+    '../_base_/default_runtime.py',
+    '../_base_/schedules/lora.py',
+    '../_base_/models/internvl_v1_5_phi3_4b.py',
+]
+
+model = dict(freeze_vit=True, freeze_mlp=False, llm_lora_rank=16, lora_dropout=0.05)
+optim = dict(lr=4e-05, weight_decay=0.01)
+schedule = dict(global_batch_size=16, micro_batch_size=4)
+runtime = dict(deepspeed='zero1')

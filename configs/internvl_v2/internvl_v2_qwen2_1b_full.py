@@ -1,0 +1,14 @@
+# Full fine-tune of OpenGVLab/InternVL2-1B (InternViT-300M + Qwen2-0.5B-Instruct, template Hermes-2).
+# Official recipe (REFERENCE.md section 7, internvl_chat/shell 2nd_finetune *_full.sh): ViT frozen, mlp1 + LLM
+# trained, lr 4e-05, weight decay 0.01, drop_path 0.1, 4 per GPU, global batch 128 on 8 GPUs,
+# DeepSpeed ZeRO-1.
+_base_ = [
+    '../_base_/default_runtime.py',
+    '../_base_/schedules/full.py',
+    '../_base_/models/internvl_v2_qwen2_1b.py',
+]
+
+model = dict(freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.1)
+optim = dict(lr=4e-05, weight_decay=0.01)
+schedule = dict(global_batch_size=128, micro_batch_size=4)
+runtime = dict(deepspeed='zero1')

@@ -1,0 +1,97 @@
+"""Every shipped config parses, resolves its _base_ chain, and builds with a tiny model swapped in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
+from xtuner_vl.model import load_tokenizer
+from xtuner_vl.recipes.build_model import build_train_model
+from xtuner_vl.recipes.config import find_config, list_configs, load_config
+from xtuner_vl.recipes.settings import (
+    DataLoaderSettings,
+    ModelSettings,
+    OptimSettings,
+    RuntimeSettings,
+    ScheduleSettings,
+    parse_section,
+)
+from xtuner_vl.registry import DATASETS
+from xtuner_vl.tiny.data import make_synthetic_dataset
+
+CONFIGS = list_configs()
+# The tiny checkpoint of the same LLM family as each shipped config.
+FAMILY = {
+    "internlm2_5": "internvl2-8b",
+    "internlm2_26b": "internvl2-26b",
+    "internlm2": "internvl2-2b",
+    "phi3": "internvl2-4b",
+    "qwen2": "internvl2-1b",
+}
+
+
+def _tiny_for(name: str) -> str:
+    return next(v for k, v in FAMILY.items() if k in name)
+
+
+def test_config_tree_is_complete():
+    names = set(CONFIGS)
+    for version, models in {
+        "internvl_v1_5": ["internlm2_2b", "phi3_4b", "internlm2_26b"],
+        "internvl_v2": ["qwen2_1b", "internlm2_2b", "phi3_4b", "internlm2_5_8b", "internlm2_26b"],
+    }.items():
+        for model in models:
+            for method in ("full", "lora", "qlora"):
+                assert f"{version}_{model}_{method}" in names
+    assert {"tiny_internvl2_lora", "tiny_internvl2_full", "tiny_internvl2_qlora"} <= names
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("cfg-data"), num_samples=8)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("tiny")])
+def test_shipped_config_builds_with_tiny_model(name, tiny_ckpt, data, monkeypatch, tmp_path):
+    monkeypatch.setenv("XTUNER_VL_CACHE", str(tmp_path))
+    path = tiny_ckpt(_tiny_for(name))
+    cfg = load_config(
+        name,
+        {
+            "model.path": str(path),
+            "train_dataset.data_paths": [str(data[0])],
+            "train_dataset.image_folders": [str(data[1])],
+        },
+    )
+    model_s = parse_section(ModelSettings, cfg.model, "model")
+    optim = parse_section(OptimSettings, cfg.optim, "optim")
+    sched = parse_section(ScheduleSettings, cfg.schedule, "schedule")
+    parse_section(DataLoaderSettings, cfg.dataloader, "dataloader")
+    runtime = parse_section(RuntimeSettings, cfg.runtime, "runtime")
+    assert runtime.deepspeed in ("zero1", "zero2", "zero3")
+    assert optim.lr in (2e-5, 4e-5) and optim.weight_decay in (0.01, 0.05)
+    assert sched.global_batch_size % sched.micro_batch_size == 0
+    model = build_train_model(model_s, torch.device("cpu"))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert "vision_model" not in trainable and "mlp1" in trainable and "language_model" in trainable
+    if model_s.llm_lora_rank:
+        assert all("lora_" in n for n, p in model.language_model.named_parameters() if p.requires_grad)
+    if model_s.quantize_llm:
+        assert any(type(m).__name__ == "Linear4bit" for m in model.language_model.modules())
+    dataset = DATASETS.build({"model_path": str(path), **cfg.train_dataset, "tokenizer": load_tokenizer(path)})
+    assert len(dataset) == 8 and dataset[0].input_ids.numel() > 0
+    ds = complete_deepspeed_config(
+        load_deepspeed_config(runtime.deepspeed), sched.micro_batch_size, 2, 8, optim.max_grad_norm, True, 64
+    )
+    assert ds["train_batch_size"] == sched.micro_batch_size * 16 and ds["bf16"]["enabled"] is True
+
+
+def test_config_name_resolution_and_unknown_keys(tmp_path):
+    assert find_config("internvl_v2_internlm2_5_8b_lora").name == "internvl_v2_internlm2_5_8b_lora.py"
+    with pytest.raises(FileNotFoundError, match="list-cfg"):
+        find_config("internvl_v2_nope")
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_section(ModelSettings, {"path": "x", "lora_rank": 8}, "model")
+    with pytest.raises(TypeError, match="number"):
+        parse_section(OptimSettings, {"lr": "fast"}, "optim")

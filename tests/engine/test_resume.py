@@ -1,0 +1,76 @@
+"""Crash safety: SIGKILL during a checkpoint write and mid-training, then ``--resume auto``, must give
+bitwise the losses of an uninterrupted run (CPU, fp32, ZeRO-2 on two ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.engine.conftest import REPO, cli_args, free_port, logged_losses, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _args(assets, work):
+    return cli_args(assets, work, "--deepspeed", "zero2", "--resume", "auto") + [
+        "schedule.epochs=2",
+        "runtime.save_steps=3",
+        "runtime.keep_last=2",
+    ]
+
+
+def _env(assets, **extra):
+    return {"NPROC_PER_NODE": "2", "PORT": str(free_port()), "XTUNER_VL_CACHE": str(assets["cache"]), **extra}
+
+
+def _kill_when_logged(assets, work, step: int) -> None:
+    """Start the run and SIGKILL its whole process group once ``step`` appears in the log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **_env(assets)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xtuner_vl.cli.main", *_args(assets, work)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    log = work / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and any(json.loads(x)["step"] >= step for x in log.read_text().splitlines()):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+
+
+def test_sigkill_in_checkpoint_write_and_mid_run_then_resume(train_assets, tmp_path):
+    ref = tmp_path / "reference"
+    run_cli(_args(train_assets, ref), env=_env(train_assets))
+    expected = logged_losses(ref)
+    assert sorted(expected) == list(range(1, 13))
+
+    work = tmp_path / "crashy"
+    # 1) killed while writing the step-6 checkpoint: it must stay invisible, step 3 is the newest complete one.
+    crashed = run_cli(_args(train_assets, work), env=_env(train_assets, XTUNER_VL_CRASH_IN_SAVE="6"), check=False)
+    assert crashed.returncode != 0
+    ckpts = work / "checkpoints"
+    assert (ckpts / ".tmp-step-00000006").is_dir() and not (ckpts / "step-00000006").exists()
+    assert (ckpts / "step-00000003" / "COMPLETE").is_file()
+    # 2) resumed from step 3, then SIGKILLed mid-way once step 8 is logged.
+    _kill_when_logged(train_assets, work, 8)
+    assert (ckpts / "step-00000006" / "COMPLETE").is_file()
+    # 3) resumed again to the end.
+    out = run_cli(_args(train_assets, work), env=_env(train_assets))
+    assert "resumed from" in out.stdout + out.stderr
+    got = logged_losses(work)
+    assert sorted(got) == list(range(1, 13))
+    assert got == expected  # bitwise: same floats step by step
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step-00000009", "step-00000012"]  # keep_last=2

@@ -1,0 +1,67 @@
+"""LoRA on the LLM and/or the ViT with peft, on the official target modules.
+
+Wrapping follows the official ``wrap_llm_lora`` / ``wrap_backbone_lora`` (peft's ``get_peft_model``
+on ``language_model`` / ``vision_model``), so adapter keys match an official checkpoint saved with
+``use_llm_lora`` / ``use_backbone_lora``.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from xtuner_vl.model.llm import LORA_TARGETS
+
+__all__ = ["VIT_LORA_TARGETS", "apply_lora", "merge_lora", "lora_state_dict"]
+
+VIT_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def apply_lora(
+    model: nn.Module,
+    llm_rank: int = 0,
+    vit_rank: int = 0,
+    alpha: int | None = None,
+    dropout: float = 0.05,
+    llm_targets: list[str] | None = None,
+    vit_targets: list[str] | None = None,
+) -> nn.Module:
+    """Wrap ``model.language_model`` (``llm_rank`` > 0) and/or ``model.vision_model`` (``vit_rank`` > 0)
+    with LoRA adapters. ``alpha`` defaults to 2 x rank (official). Base weights are frozen by peft and
+    keep their dtype (no upcast of the frozen LLM)."""
+    if llm_rank:
+        targets = llm_targets or LORA_TARGETS[model.config.llm_arch]
+        cfg = LoraConfig(
+            r=llm_rank,
+            lora_alpha=alpha or 2 * llm_rank,
+            lora_dropout=dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        model.language_model = get_peft_model(model.language_model, cfg)
+        # Inputs are embeddings we build; make them require grad so checkpointed layers backpropagate.
+        model.language_model.enable_input_require_grads()
+    if vit_rank:
+        cfg = LoraConfig(
+            r=vit_rank,
+            lora_alpha=alpha or 2 * vit_rank,
+            lora_dropout=dropout,
+            target_modules=vit_targets or VIT_LORA_TARGETS,
+        )
+        model.vision_model = get_peft_model(model.vision_model, cfg)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter weights, under their full names in ``model``."""
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and unwrap, restoring the official key names."""
+    for part in ("language_model", "vision_model"):
+        module = getattr(model, part)
+        if isinstance(module, PeftModel):
+            setattr(model, part, module.merge_and_unload())
+    return model

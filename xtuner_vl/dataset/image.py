@@ -1,0 +1,300 @@
+"""Image loading and InternVL dynamic tiling, pixel-identical to the official training code.
+
+The official pipeline (``internvl_chat/internvl/train/dataset.py``) is
+``Image.open(path).convert('RGB')`` -> ``dynamic_preprocess`` -> per tile
+``Resize((s, s), BICUBIC) -> ToTensor -> Normalize(ImageNet)``. This module reproduces its output bit for
+bit (checked with ``torch.equal`` against the official functions) while doing the float work once per
+image instead of once per tile: tiles are uint8 views of one resized image, converted and normalised
+together with exactly torchvision's float32 operations.
+
+Where the official loader is unsafe we are stricter, never different on good images:
+
+- it sets ``Image.MAX_IMAGE_PIXELS = None`` and ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` globally; we
+  touch no PIL global, refuse images over ``max_pixels`` and raise :class:`ImageError` on truncated files;
+- 16-bit greyscale (modes ``I;16*`` and ``I``): PIL's ``convert('RGB')`` clips every value above 255 to
+  white, so the official sees a nearly white image; we scale 0..65535 to 0..255 instead.
+
+Every other mode goes through ``convert('RGB')`` exactly as the official: alpha (LA, RGBA, PA and
+palette transparency) is dropped, not composited on white, and CMYK uses PIL's naive formula (no ICC).
+EXIF orientation is not applied, as in the official.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageError",
+    "ImageSource",
+    "candidate_grids",
+    "dynamic_tiles",
+    "find_closest_grid",
+    "image_tile_budget",
+    "load_image",
+    "load_image_tiles",
+    "tiles_to_tensor",
+]
+
+# PIL's own hard limit (2 x its default Image.MAX_IMAGE_PIXELS), above which Image.open raises anyway.
+DEFAULT_MAX_PIXELS = 178_956_970
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageSource = str | os.PathLike | BinaryIO | Image.Image
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: missing, empty, truncated, corrupt or too large. Names the file."""
+
+
+def _name(source: ImageSource) -> str:
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.size[0]}x{source.size[1]}>"
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return str(getattr(source, "name", repr(source)))
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(
+            f"{name}: image of {size[0]}x{size[1]} = {size[0] * size[1]} pixels is over the limit of "
+            f"{max_pixels} pixels (possible decompression bomb; raise max_pixels to accept it)"
+        )
+
+
+def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
+    # round(v * 255 / 65535) in integers; 'I' images (32-bit) are read as 16-bit data and clipped to it.
+    values = np.asarray(img).astype(np.int64).clip(0, 65535)
+    eight = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(eight, mode="L").convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """A new RGB image (never ``img`` itself), converted as the official ``convert('RGB')`` except 16-bit."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(img)
+    with warnings.catch_warnings():
+        # "Palette images with Transparency expressed in bytes should be converted to RGBA": the
+        # official converts to RGB regardless, dropping the transparency; so do we, quietly.
+        warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+        return img.convert("RGB")
+
+
+def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image as RGB, as the official ``Image.open(path).convert('RGB')``.
+
+    Args:
+        source: a path, a binary file object or an already opened PIL image.
+        max_pixels: refuse images with more pixels (checked from the header, before decoding);
+            None disables this check, though PIL's own global limit (``Image.MAX_IMAGE_PIXELS``,
+            untouched here) still applies while opening.
+
+    Returns:
+        A new, fully loaded RGB image (16-bit greyscale scaled to 8 bits; see the module docstring).
+
+    Raises:
+        ImageError: the file is missing, empty, truncated, corrupt, not an image, or too large.
+    """
+    name = _name(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_pixels, name)
+        return _to_rgb(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: image file not found (or not a regular file)")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: image file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own limit; PIL's warning between its two thresholds would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                _check_pixels(img.size, max_pixels, name)
+                img.load()  # decode now so that truncated data raises here
+                return _to_rgb(img)
+    except (ImageError, MemoryError):
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: {e} (PIL's global Image.MAX_IMAGE_PIXELS)") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+        raise ImageError(f"{name}: cannot read image: {type(e).__name__}: {e}") from e
+
+
+def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """Tile grids ``(columns, rows)`` with ``min_num <= columns * rows <= max_num``, by tile count.
+
+    Grids with the same tile count keep the official order, which is CPython's (deterministic) iteration
+    order of the set the official builds; it only matters when ``min_num > 1`` (see find_closest_grid).
+    """
+    if min_num < 1 or max_num < min_num:
+        raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
+    grids = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def find_closest_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448
+) -> tuple[int, int]:
+    """The official grid choice (``find_closest_aspect_ratio``) for an image of ``width`` x ``height``.
+
+    The grid whose columns/rows ratio is closest to width/height wins; on an exact tie a grid later in
+    :func:`candidate_grids` order (more tiles) replaces the current one only if the image has more than
+    half the pixels of that grid (``width * height > 0.5 * image_size**2 * columns * rows``). With
+    ``min_num == 1`` two grids of equal tile count can never be the best tie (1x1 is strictly closer).
+
+    Returns:
+        ``(columns, rows)``.
+    """
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(min_num, max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tile_count(width: int, height: int, min_num: int, max_num: int, image_size: int, use_thumbnail: bool) -> int:
+    """How many tiles :func:`dynamic_tiles` makes for an image of this size, without decoding it."""
+    cols, rows = find_closest_grid(width, height, min_num, max_num, image_size)
+    return cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
+
+
+def _grid_and_resized(
+    image: Image.Image, min_num: int, max_num: int, image_size: int
+) -> tuple[tuple[int, int], Image.Image]:
+    cols, rows = find_closest_grid(image.width, image.height, min_num, max_num, image_size)
+    # The official calls resize() without a filter: PIL's default, BICUBIC for RGB images.
+    return (cols, rows), image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+
+
+def dynamic_tiles(
+    image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
+    """Split an image into tiles exactly as the official ``dynamic_preprocess``.
+
+    Args:
+        image: an RGB image (use :func:`load_image`).
+        min_num: fewest tiles of the grid.
+        max_num: most tiles of the grid (the thumbnail comes on top).
+        image_size: tile side in pixels.
+        use_thumbnail: append the whole image resized to one tile, last, when the grid has several tiles.
+
+    Returns:
+        ``image_size`` x ``image_size`` tiles, row by row, then the thumbnail if any.
+    """
+    (cols, rows), resized = _grid_and_resized(image, min_num, max_num, image_size)
+    s = image_size
+    tiles = [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((s, s), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def _normalize_uint8(chw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [T, 3, H, W] (any strides) -> float32, with torchvision's ``ToTensor`` + ``Normalize`` ops.
+
+    Elementwise float32 ops give the same floats whether applied per tile or to the whole stack, so
+    this is bit-identical to the per-tile transform while running one vectorised pass per op.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(chw)).to(torch.float32).div_(255)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
+
+
+def tiles_to_tensor(
+    tiles: Sequence[Image.Image],
+    image_size: int = 448,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Stack tiles as the official ``build_transform(is_train=False)`` applied to each.
+
+    That transform is: convert to RGB if needed, ``Resize((image_size, image_size), BICUBIC)`` (a copy
+    for tiles already of that size), ``ToTensor``, ``Normalize(mean, std)``.
+
+    Returns:
+        float32 tensor [len(tiles), 3, image_size, image_size].
+    """
+    if not tiles:
+        raise ValueError("tiles_to_tensor needs at least one tile")
+    s = image_size
+    arrays = []
+    for tile in tiles:
+        if tile.mode != "RGB":
+            tile = tile.convert("RGB")
+        if tile.size != (s, s):
+            tile = tile.resize((s, s), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(tile))
+    return _normalize_uint8(np.stack(arrays).transpose(0, 3, 1, 2), mean, std)
+
+
+def load_image_tiles(
+    image: ImageSource,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = 448,
+    use_thumbnail: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Tile and normalise one image: ``tiles_to_tensor(dynamic_tiles(image, ...))``, but faster.
+
+    The grid tiles are read as uint8 views of the one resized image (no per-tile crop or copy) and
+    normalised together. Identical to the official ``dynamic_preprocess`` + per-tile
+    ``build_transform(is_train=False)`` output.
+
+    Args:
+        image: an RGB PIL image, or a path / file object loaded with :func:`load_image`.
+        min_num: fewest tiles of the grid.
+        max_num: most tiles of the grid (the thumbnail comes on top).
+        image_size: tile side in pixels.
+        use_thumbnail: append the whole image as one more tile when the grid has several tiles.
+        max_pixels: pixel limit passed to :func:`load_image` when ``image`` is not yet an RGB image.
+
+    Returns:
+        float32 tensor [tiles, 3, image_size, image_size].
+    """
+    if not (isinstance(image, Image.Image) and image.mode == "RGB"):
+        image = load_image(image, max_pixels)
+    s = image_size
+    (cols, rows), resized = _grid_and_resized(image, min_num, max_num, s)
+    n = rows * cols
+    thumb = use_thumbnail and n != 1
+    out = np.empty((n + thumb, 3, s, s), dtype=np.uint8)
+    # [rows*s, cols*s, 3] -> [rows, cols, 3, s, s]: tile (r, c) is the row-major crop at (c*s, r*s).
+    out[:n] = np.asarray(resized).reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3).reshape(n, 3, s, s)
+    if thumb:
+        out[n] = np.asarray(image.resize((s, s), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    return _normalize_uint8(out, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def image_tile_budget(max_dynamic_patch: int, num_images: int) -> int:
+    """Tiles allowed per image of a multi-image sample, as the official: ``max(1, max // num_images)``."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    return max(1, max_dynamic_patch // num_images)

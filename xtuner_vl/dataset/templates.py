@@ -1,0 +1,116 @@
+"""Chat templates of the official InternVL 1.5 / 2 / 2.5 releases, as their fine-tuning code applies them.
+
+Every template uses InternVL's "MPT" layout: ``system_template.format(system_message=...) + sep``, then
+``role + message + sep`` per turn. What differs between them, and is recorded here, is what the official
+preprocess function of each template does around that layout:
+
+- ``internlm2-chat`` (``preprocess_internlm``): values are stripped; the tokenizer's BOS is expected.
+- ``Hermes-2`` (``preprocess_mpt``): values kept verbatim; no BOS expected.
+- ``phi3-chat`` (``preprocess_phi3``): values kept verbatim; the tokenizer's BOS is expected.
+- ``internvl2_5`` (``preprocess_internvl2_5``): values kept verbatim; each message block is tokenized on
+  its own and the ``\\n`` closing an assistant block is not trained.
+
+The default system message depends on the release that trained the checkpoint (see ``SYSTEM_MESSAGES``):
+InternVL-Chat-V1-5 / Mini-InternVL-V1-5 (``version="internvl1_5"``) used older messages than InternVL2
+(``version="internvl2"``); ``internvl2_5`` has its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SYSTEM_MESSAGES", "TEMPLATE_NAMES", "VERSIONS", "Template", "get_template"]
+
+_INTERNVL2_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+_INTERNVL2_5_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+VERSIONS = ("internvl1_5", "internvl2")
+
+# Default system message per (release version, template), from the official conversation.py of each release.
+SYSTEM_MESSAGES: dict[str, dict[str, str]] = {
+    "internvl1_5": {
+        "internlm2-chat": "You are an AI assistant whose name is InternLM (书生·浦语).",
+        "Hermes-2": "Answer the questions.",
+        "phi3-chat": "You are an AI assistant whose name is Phi-3.",
+        "internvl2_5": _INTERNVL2_5_SYSTEM,
+    },
+    "internvl2": {
+        "internlm2-chat": _INTERNVL2_SYSTEM,
+        "Hermes-2": _INTERNVL2_SYSTEM,
+        "phi3-chat": _INTERNVL2_SYSTEM,
+        "internvl2_5": _INTERNVL2_5_SYSTEM,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Template:
+    """One InternVL chat template and the official preprocessing choices that go with it.
+
+    Attributes:
+        name: the official template name (``config.json``'s ``template``).
+        system_template: format string of the system block, with a ``{system_message}`` field.
+        system_message: the system message put into ``system_template``.
+        roles: (user role header, assistant role header), e.g. ``("<|im_start|>user\\n", ...)``.
+        sep: text closing the system block and every message.
+        trained_sep: the leading part of ``sep`` that is trained after each answer (all of ``sep`` except
+            for ``internvl2_5``, whose trailing ``\\n`` is not trained).
+        strip_values: whether message values are ``str.strip()``-ed (only ``preprocess_internlm`` does).
+        expects_bos: whether the official masking assumes the tokenizer prepends BOS. Informational: our
+            input ids always carry exactly the special tokens the tokenizer itself prepends.
+        per_message_tokenization: whether each message block is tokenized on its own and the ids
+            concatenated (``internvl2_5``) rather than the joined prompt tokenized once.
+    """
+
+    name: str
+    system_template: str
+    system_message: str
+    roles: tuple[str, str]
+    sep: str
+    trained_sep: str
+    strip_values: bool = False
+    expects_bos: bool = False
+    per_message_tokenization: bool = False
+
+
+_CHATML = dict(system_template="<|im_start|>system\n{system_message}", roles=("<|im_start|>user\n",
+                                                                              "<|im_start|>assistant\n"))
+_TEMPLATES: dict[str, dict] = {
+    "internlm2-chat": dict(**_CHATML, sep="<|im_end|>", trained_sep="<|im_end|>", strip_values=True,
+                           expects_bos=True),
+    "Hermes-2": dict(**_CHATML, sep="<|im_end|>", trained_sep="<|im_end|>"),
+    "phi3-chat": dict(system_template="<|system|>\n{system_message}", roles=("<|user|>\n", "<|assistant|>\n"),
+                      sep="<|end|>", trained_sep="<|end|>", expects_bos=True),
+    "internvl2_5": dict(**_CHATML, sep="<|im_end|>\n", trained_sep="<|im_end|>", per_message_tokenization=True),
+}
+TEMPLATE_NAMES = tuple(_TEMPLATES)
+
+
+def get_template(name: str, system_message: str | None = None, version: str = "internvl2") -> Template:
+    """Build the template ``name`` with the system message of release ``version`` (or ``system_message``).
+
+    Args:
+        name: ``internlm2-chat``, ``Hermes-2``, ``phi3-chat`` or ``internvl2_5`` (a checkpoint's
+            ``config.json`` ``template``).
+        system_message: overrides the release default when given (a config's ``system_message``); ``""``
+            keeps an empty system block, as the official code does.
+        version: ``"internvl2"`` (InternVL2 defaults) or ``"internvl1_5"`` (the messages InternVL-Chat-V1-5
+            and Mini-InternVL-V1-5 were trained with). ``internvl2_5`` has one message for both.
+
+    Returns:
+        The frozen :class:`Template`.
+
+    Raises:
+        ValueError: unknown template name or version.
+    """
+    if name not in _TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; known templates: {', '.join(TEMPLATE_NAMES)}")
+    if version not in SYSTEM_MESSAGES:
+        raise ValueError(f"unknown release version {version!r}; known versions: {', '.join(VERSIONS)}")
+    if system_message is None:
+        system_message = SYSTEM_MESSAGES[version][name]
+    return Template(name=name, system_message=system_message, **_TEMPLATES[name])

@@ -1,0 +1,87 @@
+"""DeepSpeed ZeRO 1/2/3 (+ offload) backend; the only module that imports deepspeed.
+
+On CPU it runs DeepSpeed's CPU accelerator over gloo (the tests do). One narrow patch: DeepSpeed
+JIT-compiles a shared-memory all-reduce op for CPU when it builds its comm backend (about a minute
+on two cores, unused with gloo), so that build is skipped on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xtuner_vl.engine.dist import DistInfo
+
+__all__ = ["DeepSpeedBackend", "import_deepspeed"]
+
+_TAG = "engine"
+
+
+def import_deepspeed(device: torch.device):
+    """Import deepspeed for ``device`` (on CPU: the CPU accelerator, without the shm op build)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        importlib.import_module("deepspeed.comm.torch")
+        # `deepspeed.comm` re-exports the name `torch`, so reach the submodule through sys.modules.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    import deepspeed
+
+    return deepspeed
+
+
+class DeepSpeedBackend:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any], dist_info: DistInfo
+    ) -> None:
+        self.deepspeed = import_deepspeed(dist_info.device)
+        self.deepspeed.init_distributed(dist_backend="nccl" if dist_info.device.type == "cuda" else "gloo")
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.module = self.engine.module
+        self.optimizer = optimizer  # our object: its param_groups carry the lr we set
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Our loss is already normalised over the accumulation window; no extra 1/gas.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def prepare_micro_step(self, boundary: bool) -> None:
+        if boundary != self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("trainer and DeepSpeed disagree on the gradient accumulation boundary")
+
+    def step(self, boundary: bool) -> float | None:
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=_TAG, exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory),
+            tag=_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint under tag {_TAG!r}")
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                with self.deepspeed.zero.GatheredParameters([p], enabled=self.stage == 3):
+                    out[name] = p.detach().clone().cpu()
+        return out

@@ -1,0 +1,102 @@
+"""Rank-0 training log: console line + progress bar, JSON lines, TensorBoard, loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+__all__ = ["MetricsLogger", "peak_memory_gib"]
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device``, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Writes ``train_log.jsonl`` and TensorBoard scalars under ``work_dir``; no-op off rank 0."""
+
+    def __init__(
+        self, work_dir: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool = True
+    ) -> None:
+        self.enabled, self.total, self.work_dir = enabled, total_steps, Path(work_dir)
+        self.history: list[dict[str, Any]] = []
+        self.t0, self.start_step = time.perf_counter(), start_step
+        self.bar = self.writer = None
+        if not enabled:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.work_dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.work_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def eta_seconds(self, step: int) -> float:
+        done = step - self.start_step
+        return (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
+
+    def log(self, step: int, metrics: dict[str, float], console: bool) -> None:
+        """Record ``metrics`` for optimizer step ``step`` (1-based count of finished steps)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics, "eta_s": round(self.eta_seconds(step), 1)}
+        self.history.append(record)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        if console:
+            eta = time.strftime("%H:%M:%S", time.gmtime(record["eta_s"])) if record["eta_s"] == record["eta_s"] else "-"
+            self.bar.write(
+                f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} "
+                f"grad_norm {metrics.get('grad_norm', float('nan')):.3f} tokens/s {metrics['tokens_per_s']:.0f} "
+                f"samples/s {metrics['samples_per_s']:.2f} mem {metrics['peak_mem_gib']:.2f}GiB eta {eta}"
+            )
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> Path | None:
+        """Close files; write ``loss_curve.png`` from this run's history and return its path."""
+        if not self.enabled:
+            return None
+        self.bar.close()
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+        return self._plot()
+
+    def _plot(self) -> Path | None:
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in self.history], [r["loss"] for r in self.history])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (mean over trained tokens)")
+        ax.grid(alpha=0.3)
+        path = self.work_dir / "loss_curve.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path

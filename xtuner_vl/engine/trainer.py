@@ -1,0 +1,238 @@
+"""The training loop, in one fixed visible order per optimizer step:
+
+lr -> micro-steps (forward, token-sum loss / global trained tokens, backward, backend step) ->
+log -> skip check -> checkpoint. The loss is normalised by the number of trained tokens across the
+whole accumulation window and all ranks, so every trained token weighs the same whatever the padding,
+the micro-batch split or the world size.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from xtuner_vl.dataset.collate import CollatedBatch, SkippedSample
+from xtuner_vl.engine.backend import Backend, set_group_lrs
+from xtuner_vl.engine.checkpoint_dir import CheckpointDir, rng_state, set_rng_state
+from xtuner_vl.engine.dist import DistInfo, all_reduce_sum, barrier
+from xtuner_vl.engine.metrics import MetricsLogger, peak_memory_gib
+from xtuner_vl.structures import IGNORE_INDEX, Batch
+
+__all__ = ["Trainer", "TrainerSettings", "token_loss_sum"]
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (fp32) of next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    per_token = F.cross_entropy(logits[:, :-1][keep].float(), shift_labels[keep], reduction="none")
+    # Summed in float64: a float32 vector sum depends on buffer alignment (SIMD lanes), which differs
+    # between a run and its resumption; the float64 sum rounds back to the same float32 loss.
+    return per_token.double().sum()
+
+
+@dataclass
+class TrainerSettings:
+    total_steps: int
+    steps_per_epoch: int
+    grad_accum: int
+    micro_batch_size: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float = 0.0
+    save_steps: int = 500
+    keep_last: int = 2
+    log_interval: int = 10
+    max_skip_fraction: float = 0.01
+    meta: dict[str, Any] = field(default_factory=dict)  # written into each checkpoint's meta.json
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0  # samples of this epoch this rank has trained on (resumes the sampler)
+    seen: int = 0  # samples seen, all ranks, whole run
+    skipped: int = 0  # samples skipped, all ranks, whole run
+
+
+class Trainer:
+    """Runs ``settings.total_steps`` optimizer steps of ``backend`` over ``make_loader()`` batches."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        make_loader: Callable[[], Iterator[CollatedBatch]],
+        sampler: Any,
+        settings: TrainerSettings,
+        dist_info: DistInfo,
+        work_dir: str | Path,
+    ) -> None:
+        self.backend, self.make_loader, self.sampler = backend, make_loader, sampler
+        self.s, self.dist = settings, dist_info
+        self.work_dir = Path(work_dir)
+        self.ckpt = CheckpointDir(self.work_dir, settings.keep_last)
+        self.progress = _Progress()
+        self._fallback: Batch | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Path:
+        p = self.progress
+        tmp = self.ckpt.tmp_path(p.step)
+        if self.dist.is_main:
+            self.ckpt.begin(p.step)
+        barrier()
+        self.backend.save(tmp)
+        state = {
+            "step": p.step,
+            "epoch": p.epoch,
+            "consumed": p.consumed,
+            "seen": p.seen,
+            "skipped": p.skipped,
+            "rng": rng_state(),
+            "sampler": self.sampler.state_dict(p.consumed),
+        }
+        torch.save(state, tmp / f"trainer_state_rank{self.dist.rank}.pt")
+        if os.environ.get("XTUNER_VL_CRASH_IN_SAVE") == str(p.step):  # fault injection for the resume tests
+            os.kill(os.getpid(), signal.SIGKILL)
+        barrier()
+        final = self.ckpt.final_path(p.step)
+        if self.dist.is_main:
+            meta = {**self.s.meta, "step": p.step, "epoch": p.epoch, "world_size": self.dist.world_size}
+            final = self.ckpt.commit(p.step, meta)
+        barrier()
+        return final
+
+    def resume(self, path: Path) -> None:
+        self.backend.load(path)
+        state = torch.load(path / f"trainer_state_rank{self.dist.rank}.pt", weights_only=False)
+        self.progress = _Progress(state["step"], state["epoch"], state["consumed"], state["seen"], state["skipped"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def _next_batches(self, it: Iterator[CollatedBatch]) -> list[CollatedBatch]:
+        return [next(it) for _ in range(self.s.grad_accum)]
+
+    def _micro_inputs(self, cb: CollatedBatch) -> tuple[Batch, float]:
+        """The batch to run and its loss weight; an all-skipped micro-batch re-runs the last good
+        batch with weight 0 so every rank still takes part in the collective forward/backward."""
+        if cb.batch is not None:
+            self._fallback = cb.batch
+            return cb.batch, 1.0
+        if self._fallback is None:
+            raise RuntimeError("the first micro-batch of the run has no usable sample; check the data")
+        return self._fallback, 0.0
+
+    def _step(self, micro: list[CollatedBatch]) -> dict[str, float]:
+        device = self.dist.device
+        trained = torch.tensor(
+            float(sum(int((cb.batch.labels[:, 1:] != IGNORE_INDEX).sum()) for cb in micro if cb.batch is not None)),
+            device=device,
+        )
+        n_global = all_reduce_sum(trained).clamp(min=1.0)
+        loss_total, tokens, grad_norm = torch.zeros((), device=device, dtype=torch.float64), 0, None
+        for i, cb in enumerate(micro):
+            boundary = i == len(micro) - 1
+            self.backend.prepare_micro_step(boundary)
+            batch, weight = self._micro_inputs(cb)
+            batch = batch.to(device)
+            out = self.backend.forward(
+                pixel_values=batch.pixel_values,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                image_flags=batch.image_flags,
+                position_ids=batch.position_ids,
+            )
+            loss_sum = token_loss_sum(out.logits, batch.labels) * weight
+            # Backends average gradients over ranks; multiplying by world size makes it a global sum.
+            self.backend.backward((loss_sum * self.dist.world_size / n_global).float())
+            norm = self.backend.step(boundary)
+            grad_norm = norm if norm is not None else grad_norm
+            loss_total += loss_sum.detach()
+            tokens += int(batch.attention_mask.sum()) if weight else 0
+        loss = (all_reduce_sum(loss_total) / n_global).float()  # reported in float32
+        return {
+            "loss": float(loss),
+            "grad_norm": grad_norm,
+            "tokens": float(all_reduce_sum(torch.tensor(float(tokens), device=device))),
+            "trained_tokens": float(n_global),
+        }
+
+    def _account_skips(self, micro: list[CollatedBatch]) -> None:
+        local = [s for cb in micro for s in cb.skipped]
+        counts = all_reduce_sum(
+            torch.tensor(
+                [float(sum(cb.num_samples for cb in micro) + len(local)), float(len(local))], device=self.dist.device
+            )
+        )
+        self.progress.seen += int(counts[0])
+        self.progress.skipped += int(counts[1])
+        reasons: list[list[SkippedSample]] = [local]
+        if dist.is_initialized():
+            reasons = [None] * self.dist.world_size  # type: ignore[list-item]
+            dist.all_gather_object(reasons, local)
+        if self.dist.is_main:
+            for s in (s for rank_skips in reasons for s in rank_skips):
+                self.logger.message(f"skipped sample {s.source}:{s.line}: {s.reason}")
+        p = self.progress
+        if p.skipped > self.s.max_skip_fraction * p.seen and p.skipped > 0 and p.seen >= 100:
+            raise RuntimeError(
+                f"{p.skipped} of {p.seen} samples skipped ({p.skipped / p.seen:.1%} > max_skip_fraction="
+                f"{self.s.max_skip_fraction:.1%}); fix the data (run `xtuner-vl check-data`) or raise the limit"
+            )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, resume_from: Path | None = None) -> Path | None:
+        """Train to ``total_steps``; returns the loss-curve PNG path (rank 0)."""
+        if resume_from is not None:
+            self.resume(resume_from)
+        p, s = self.progress, self.s
+        self.logger = MetricsLogger(self.work_dir, s.total_steps, p.step, self.dist.is_main)
+        if self.dist.is_main and resume_from is not None:
+            self.logger.message(f"resumed from {resume_from} at step {p.step}")
+        self.sampler.resume(p.epoch, p.consumed)
+        it, window_t0, window = iter(self.make_loader()), time.perf_counter(), []
+        while p.step < s.total_steps:
+            set_group_lrs(self.backend.optimizer, p.step, s.lr, s.total_steps, s.warmup_steps, s.min_lr_ratio)
+            micro = self._next_batches(it)
+            stats = self._step(micro)
+            self._account_skips(micro)
+            p.step += 1
+            p.consumed += s.micro_batch_size * s.grad_accum
+            if p.step % s.steps_per_epoch == 0:  # epoch done: the next one starts a fresh order
+                p.epoch, p.consumed = p.epoch + 1, 0
+                self.sampler.resume(p.epoch, 0)
+                it = iter(self.make_loader())
+            window.append(stats)
+            if p.step % s.log_interval == 0 or p.step == s.total_steps:
+                self._log(window, time.perf_counter() - window_t0)
+                window_t0, window = time.perf_counter(), []
+            if p.step % s.save_steps == 0 or p.step == s.total_steps:
+                path = self.save()
+                self.logger.message(f"checkpoint: {path}")
+        return self.logger.close()
+
+    def _log(self, window: list[dict[str, float]], seconds: float) -> None:
+        p, s = self.progress, self.s
+        last = window[-1]
+        group_lr = self.backend.optimizer.param_groups[0]
+        metrics = {
+            "loss": last["loss"],
+            "lr": group_lr["lr"] / group_lr.get("lr_scale", 1.0),
+            "grad_norm": last["grad_norm"] if last["grad_norm"] is not None else float("nan"),
+            "tokens_per_s": sum(w["tokens"] for w in window) / seconds,
+            "samples_per_s": len(window) * s.micro_batch_size * s.grad_accum * self.dist.world_size / seconds,
+            "peak_mem_gib": peak_memory_gib(self.dist.device),
+            "skipped": float(p.skipped),
+        }
+        self.logger.log(p.step, metrics, console=True)

@@ -1,0 +1,1 @@
+"""Entry recipes (train, check-data, ...) composed from the package's components."""

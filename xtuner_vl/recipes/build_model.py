@@ -1,0 +1,44 @@
+"""Load the model for training and apply the method: freezing, LoRA, QLoRA, checkpointing."""
+
+from __future__ import annotations
+
+import torch
+
+from xtuner_vl.adapters import apply_freeze, apply_lora
+from xtuner_vl.adapters.qlora import quantize_llm_nf4
+from xtuner_vl.model import InternVLChatModel, load_internvl
+from xtuner_vl.model.intern_vit import set_drop_path_rate
+from xtuner_vl.recipes.settings import ModelSettings
+
+__all__ = ["resolve_dtype", "build_train_model"]
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bf16 on CUDA, fp32 on CPU (the dtype of weights, autocast and DeepSpeed alike)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype must be auto, bf16 or fp32, got {name!r}")
+    return _DTYPES[name]
+
+
+def build_train_model(s: ModelSettings, device: torch.device) -> InternVLChatModel:
+    """The model ready for the optimizer: frozen weights in the load dtype (bf16 stays bf16);
+    trainable full weights in fp32 when training without DeepSpeed bf16 (see the backends)."""
+    dtype = resolve_dtype(s.dtype, device)
+    model = load_internvl(s.path, dtype=dtype, attn_implementation=s.attn_implementation, device=device)
+    if s.drop_path_rate is not None:
+        set_drop_path_rate(model.vision_model, s.drop_path_rate)
+    apply_freeze(model, s.freeze_vit, s.freeze_mlp, s.freeze_llm, s.unfreeze_vit_layers, s.unfreeze_lm_head)
+    if s.quantize_llm:
+        if not s.llm_lora_rank:
+            raise ValueError("quantize_llm (QLoRA) needs llm_lora_rank > 0: 4-bit weights cannot be trained")
+        compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        quantize_llm_nf4(model.language_model, compute_dtype=compute)
+    if s.llm_lora_rank or s.vit_lora_rank:
+        apply_lora(model, s.llm_lora_rank, s.vit_lora_rank, s.lora_alpha, s.lora_dropout, s.llm_lora_targets)
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(vit=not s.freeze_vit or bool(s.vit_lora_rank) or s.unfreeze_vit_layers > 0)
+    return model.train()

@@ -1,0 +1,96 @@
+"""Typed sections of a training config. Every default lives here, once; unknown keys are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ModelSettings",
+    "OptimSettings",
+    "ScheduleSettings",
+    "DataLoaderSettings",
+    "RuntimeSettings",
+    "parse_section",
+]
+
+
+@dataclass
+class ModelSettings:
+    """What to load and how it trains (method: full / LoRA / QLoRA)."""
+
+    path: str
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or bf16 / fp32
+    attn_implementation: str | None = None  # None: flash-attention 2 on GPU when installed, else sdpa
+    freeze_vit: bool = True
+    freeze_mlp: bool = False
+    freeze_llm: bool = False
+    unfreeze_vit_layers: int = 0
+    unfreeze_lm_head: bool = False
+    llm_lora_rank: int = 0
+    vit_lora_rank: int = 0
+    lora_alpha: int | None = None  # None: 2 x rank (official)
+    lora_dropout: float = 0.05
+    llm_lora_targets: list[str] | None = None  # None: the official targets of the LLM family
+    quantize_llm: bool = False  # QLoRA: LLM linears in nf4 + double quant
+    gradient_checkpointing: bool = True
+    drop_path_rate: float | None = None  # None: keep the checkpoint's
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 4e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per part: vision_model / mlp1 / language_model
+
+
+@dataclass
+class ScheduleSettings:
+    global_batch_size: int = 128
+    micro_batch_size: int = 4
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class DataLoaderSettings:
+    num_workers: int = 4
+    group_by_length: bool = True
+    group_factor: int = 50
+
+
+@dataclass
+class RuntimeSettings:
+    seed: int = 42
+    save_steps: int = 500
+    keep_last: int = 2
+    log_interval: int = 10
+    max_skip_fraction: float = 0.01
+    deepspeed: str | None = None  # preset name or json path; None = plain PyTorch / DDP
+    device: str | None = None  # None: cuda when available
+
+
+def parse_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:
+    """Build dataclass ``cls`` from a config section, refusing unknown keys and wrong basic types."""
+    values = dict(values or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"config section {section!r}: unknown key(s) {unknown}; known: {sorted(names)}")
+    for key, value in values.items():
+        default = names[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise TypeError(f"config {section}.{key} must be true/false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"config {section}.{key} must be a number, got {value!r}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ValueError(f"config section {section!r}: {e}") from None

@@ -1,0 +1,199 @@
+"""``xtuner-vl train``: build everything from the config, then run the trainer."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from xtuner_vl.dataset.collate import collate_samples
+from xtuner_vl.dataset.samplers import DistributedRandomSampler, LengthGroupedSampler
+from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
+from xtuner_vl.engine.dist import DistInfo, init_distributed
+from xtuner_vl.engine.param_groups import param_groups
+from xtuner_vl.engine.schedule import warmup_steps_for
+from xtuner_vl.engine.torch_backend import TorchBackend
+from xtuner_vl.engine.trainer import Trainer, TrainerSettings
+from xtuner_vl.model import load_tokenizer
+from xtuner_vl.recipes.build_model import build_train_model, resolve_dtype
+from xtuner_vl.recipes.config import find_config, load_config
+from xtuner_vl.recipes.settings import (
+    DataLoaderSettings,
+    ModelSettings,
+    OptimSettings,
+    RuntimeSettings,
+    ScheduleSettings,
+    parse_section,
+)
+from xtuner_vl.registry import DATASETS
+
+__all__ = ["train"]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _grad_accum(sched: ScheduleSettings, world: int) -> int:
+    per_step = sched.micro_batch_size * world
+    if sched.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size {sched.global_batch_size} is not a multiple of micro_batch_size "
+            f"{sched.micro_batch_size} x {world} processes"
+        )
+    return sched.global_batch_size // per_step
+
+
+def _sampler(dataset, loader: DataLoaderSettings, sched: ScheduleSettings, d: DistInfo, seed: int):
+    if loader.group_by_length:
+        lengths, multimodal = dataset.length_stats()
+        return LengthGroupedSampler(
+            lengths, multimodal, sched.micro_batch_size * d.world_size, d.rank, d.world_size, seed, loader.group_factor
+        )
+    return DistributedRandomSampler(len(dataset), d.rank, d.world_size, seed)
+
+
+def train(
+    config: str,
+    deepspeed: str | None = None,
+    work_dir: str | None = None,
+    resume: str | None = None,
+    cfg_options: dict | None = None,
+    seed: int | None = None,
+) -> Path:
+    """Train as ``config`` says; returns the work dir."""
+    cfg = load_config(config, cfg_options)
+    model_s = parse_section(ModelSettings, cfg.get("model"), "model")
+    optim_s = parse_section(OptimSettings, cfg.get("optim"), "optim")
+    sched = parse_section(ScheduleSettings, cfg.get("schedule"), "schedule")
+    loader_s = parse_section(DataLoaderSettings, cfg.get("dataloader"), "dataloader")
+    runtime = parse_section(RuntimeSettings, cfg.get("runtime"), "runtime")
+    runtime.deepspeed = deepspeed or runtime.deepspeed
+    runtime.seed = seed if seed is not None else runtime.seed
+    d = init_distributed(runtime.device)
+    _seed_everything(runtime.seed)
+    work = Path(work_dir or Path("work_dirs") / find_config(config).stem)
+    if d.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        cfg.dump(str(work / f"{find_config(config).stem}.py"))
+
+    tokenizer = load_tokenizer(model_s.path)
+    dataset = DATASETS.build({"model_path": model_s.path, **cfg.train_dataset, "tokenizer": tokenizer})
+    model = build_train_model(model_s, d.device)
+    accum = _grad_accum(sched, d.world_size)
+    sampler = _sampler(dataset, loader_s, sched, d, runtime.seed)
+    steps_per_epoch = len(sampler) // (sched.micro_batch_size * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples give no full optimizer step of {sched.global_batch_size}")
+    total = sched.max_steps or steps_per_epoch * sched.epochs
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def make_loader():
+        return DataLoader(
+            dataset,
+            batch_size=sched.micro_batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=loader_s.num_workers,
+            collate_fn=partial(collate_samples, pad_token_id=pad_id),
+            generator=torch.Generator().manual_seed(runtime.seed),  # keeps the global RNG untouched
+            persistent_workers=False,
+            multiprocessing_context="fork" if loader_s.num_workers else None,
+        )
+
+    groups = param_groups(model, optim_s.lr, optim_s.weight_decay, optim_s.lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=optim_s.lr, betas=tuple(optim_s.betas), eps=optim_s.eps)
+    bf16 = resolve_dtype(model_s.dtype, d.device) == torch.bfloat16
+    if runtime.deepspeed:
+        from xtuner_vl.engine.deepspeed_backend import DeepSpeedBackend
+
+        ds_cfg = complete_deepspeed_config(
+            load_deepspeed_config(runtime.deepspeed),
+            sched.micro_batch_size,
+            accum,
+            d.world_size,
+            optim_s.max_grad_norm,
+            bf16,
+            model.language_model.config.hidden_size,
+        )
+        backend = DeepSpeedBackend(model, optimizer, ds_cfg, d)
+    else:
+        backend = TorchBackend(model, optimizer, d, optim_s.max_grad_norm, bf16)
+
+    settings = TrainerSettings(
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        grad_accum=accum,
+        micro_batch_size=sched.micro_batch_size,
+        lr=optim_s.lr,
+        warmup_steps=warmup_steps_for(total, sched.warmup_ratio),
+        min_lr_ratio=sched.min_lr_ratio,
+        save_steps=runtime.save_steps,
+        keep_last=runtime.keep_last,
+        log_interval=runtime.log_interval,
+        max_skip_fraction=runtime.max_skip_fraction,
+        meta={
+            "config": find_config(config).stem,
+            "model_path": model_s.path,
+            "deepspeed": runtime.deepspeed,
+            "method": _method(model_s),
+        },
+    )
+    trainer = Trainer(backend, make_loader, sampler, settings, d, work)
+    resume_path = _resume_path(resume, trainer)
+    if d.is_main:
+        _print_plan(model, dataset, settings, d, accum, runtime, resume_path)
+    png = trainer.fit(resume_path)
+    if d.is_main and png is not None:
+        print(f"loss curve: {png}", flush=True)
+    return work
+
+
+def _method(s: ModelSettings) -> str:
+    return "qlora" if s.quantize_llm else "lora" if (s.llm_lora_rank or s.vit_lora_rank) else "full"
+
+
+def _resume_path(resume: str | None, trainer: Trainer) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return trainer.ckpt.latest()  # None when nothing complete yet: a fresh start
+    path = Path(resume)
+    if not (path / "COMPLETE").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory")
+    return path
+
+
+def _print_plan(
+    model, dataset, s: TrainerSettings, d: DistInfo, accum: int, runtime: RuntimeSettings, resume: Path | None
+) -> None:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_step = s.micro_batch_size * accum * d.world_size
+    print(
+        f"samples {len(dataset)} | world {d.world_size} x micro-batch {s.micro_batch_size} x accum {accum} = "
+        f"{per_step} samples/step | {s.steps_per_epoch} steps/epoch, {s.total_steps} total, warmup {s.warmup_steps}"
+        f" | params {total / 1e6:.1f}M, trainable {trainable / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"
+        f" | backend {runtime.deepspeed or 'torch'} on {d.device}" + (f" | resume {resume}" if resume else ""),
+        flush=True,
+    )
+
+
+def exit_after_distributed_run() -> None:
+    """End a multi-process run. With gloo, ZeRO-3 teardown occasionally aborts the interpreter after
+    all work is done; every rank synchronises, flushes and exits directly instead."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
