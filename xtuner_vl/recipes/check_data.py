@@ -53,17 +53,16 @@ class DataReport:
         return sum(len(s.problems) for s in self.sources)
 
 
-def _check_one(job: tuple[int, int]) -> tuple[int, int, int, int, bool, str | None]:
-    """(source, record, tokens, tiles, reduced, problem) for one record."""
+def _check_one(job: tuple[int, int]) -> tuple[int, int, int, bool, str | None]:
+    """(source, tokens, tiles, reduced, problem) for one record."""
     s, r = job
     ds = _DATASET
     source = ds.sources[s]
     try:
         sample = ds.build_record(source, r)
     except (AnnotationError, ImageError, ConversationError, SampleError) as e:
-        return s, r, 0, 0, False, str(e)
-    real_tiles = int(sample.image_flags.sum())
-    return s, r, sample.num_tokens, real_tiles, sample.tiles_reduced, None
+        return s, 0, 0, False, str(e)
+    return s, sample.num_tokens, int(sample.image_flags.sum()), sample.tiles_reduced, None
 
 
 def _histogram(values: list[int], bins: list[int]) -> str:
@@ -93,7 +92,7 @@ def check_data(config: str, cfg_options: dict | None = None, workers: int | None
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     with mp.get_context("fork").Pool(workers) as pool:
         results = pool.imap_unordered(_check_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
-        for s, r, tokens, tiles, reduced, problem in tqdm(results, total=len(jobs), desc="check-data"):
+        for s, tokens, tiles, reduced, problem in tqdm(results, total=len(jobs), desc="check-data"):
             rep = reports[s]
             if problem is not None:
                 rep.problems.append(problem)
