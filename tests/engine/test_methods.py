@@ -1,0 +1,63 @@
+"""Training methods: which weights train, in which dtype; frozen weights are never upcast."""
+
+from __future__ import annotations
+
+import torch
+
+from xtuner_vl.engine.dist import DistInfo
+from xtuner_vl.engine.param_groups import param_groups
+from xtuner_vl.engine.torch_backend import TorchBackend
+from xtuner_vl.recipes.build_model import build_train_model
+from xtuner_vl.recipes.settings import ModelSettings
+
+CPU = torch.device("cpu")
+
+
+def test_lora_in_bf16_keeps_frozen_llm_bf16(tiny_ckpt):
+    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-2b")), dtype="bf16", llm_lora_rank=4), CPU)
+    frozen = {p.dtype for n, p in model.language_model.named_parameters() if not p.requires_grad}
+    lora = {p.dtype for n, p in model.language_model.named_parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and lora == {torch.float32}
+    assert all(not p.requires_grad for p in model.vision_model.parameters())
+    assert all(p.requires_grad for p in model.mlp1.parameters())
+    targets = {n.split(".")[-4] for n, _ in model.language_model.named_parameters() if "lora_A" in n}
+    assert targets == {"wqkv", "wo", "w1", "w2", "w3"}  # official InternLM2 targets
+
+
+def test_full_finetune_masters_fp32_frozen_vit_bf16(tiny_ckpt):
+    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-2b")), dtype="bf16"), CPU)
+    groups = param_groups(model, 1e-3, 0.01, {"mlp1": 2.0})
+    optim = torch.optim.AdamW(groups)
+    TorchBackend(model, optim, DistInfo(0, 1, 0, CPU), 1.0, bf16=True)
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    names = {g["name"]: g for g in groups}
+    assert names["mlp1.decay"]["lr"] == 2e-3 and names["mlp1.no_decay"]["weight_decay"] == 0.0
+    assert "vision_model.decay" not in names
+
+
+def test_qlora_quantizes_llm_linears_only(tiny_ckpt):
+    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-2b")), llm_lora_rank=4,
+                                            quantize_llm=True), CPU)
+    kinds = {type(m).__name__ for m in model.language_model.modules()}
+    assert "Linear4bit" in kinds
+    head = model.language_model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear
+    assert not any(type(m).__name__ == "Linear4bit" for m in (*model.vision_model.modules(), *model.mlp1.modules()))
+    pixels, ids = torch.randn(1, 3, 448, 448), torch.randint(20, 300, (1, 300))
+    ids[0, 2:258] = model.img_context_token_id
+    out = model(pixels, ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_unfreeze_last_vit_layers_and_drop_path(tiny_ckpt):
+    s = ModelSettings(path=str(tiny_ckpt("internvl2-2b")), unfreeze_vit_layers=1, drop_path_rate=0.2,
+                      freeze_llm=True)
+    model = build_train_model(s, CPU)
+    layers = model.vision_model.encoder.layers
+    assert all(p.requires_grad for p in layers[-1].parameters())
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    assert abs(layers[-1].drop_path1.drop_prob - 0.2) < 1e-6  # float32 linspace, as the official
+    assert model.vision_model.encoder.gradient_checkpointing
