@@ -198,3 +198,29 @@ def test_length_stats_use_field_estimate_and_cache(setup, tmp_path, monkeypatch)
 def test_pixel_values_are_float_tiles(setup):
     s = _dataset(setup)[1]
     assert s.pixel_values.dtype == torch.float32 and s.pixel_values.shape[1:] == (3, 448, 448)
+
+
+def test_video_sample_one_tile_per_frame(setup, tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for k in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), k * 10, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    rec = {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                                                   {"from": "gpt", "value": "It brightens."}]}
+    (tmp_path / "v.jsonl").write_text(json.dumps(rec) + "\n")
+    ds = _dataset(setup, data_paths=[str(tmp_path / "v.jsonl")], image_folders=[str(tmp_path)],
+                  min_num_frames=4, max_num_frames=6, training=False)
+    s = ds[0]
+    assert isinstance(s, Sample), s
+    n = len(s.pixel_values)
+    assert 4 <= n <= 6 and s.image_flags.tolist() == [1] * n
+    assert int((s.input_ids == ds.img_context_token_id).sum()) == 256 * n
+    text = ds.tokenizer.decode(s.input_ids[s.input_ids != ds.img_context_token_id])
+    import re
+
+    assert re.findall(r"Frame-(\d+):\s*<img>\s*</img>", text) == [str(i + 1) for i in range(n)], text

@@ -61,3 +61,15 @@ def test_unfreeze_last_vit_layers_and_drop_path(tiny_ckpt):
     assert not any(p.requires_grad for p in model.language_model.parameters())
     assert abs(layers[-1].drop_path1.drop_prob - 0.2) < 1e-6  # float32 linspace, as the official
     assert model.vision_model.encoder.gradient_checkpointing
+
+
+def test_vit_lora_wraps_official_vit_targets(tiny_ckpt):
+    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-26b")), vit_lora_rank=4,
+                                            llm_lora_rank=4), CPU)
+    vit_targets = {n.split(".")[-4] for n, p in model.vision_model.named_parameters() if "lora_A" in n}
+    assert vit_targets == {"qkv", "proj", "fc1", "fc2"}
+    pixels, ids = torch.randn(1, 3, 448, 448), torch.randint(20, 300, (1, 300))
+    ids[0, 2:258] = model.img_context_token_id
+    model(pixels, ids, labels=ids).loss.backward()
+    vit_lora = [p for n, p in model.vision_model.named_parameters() if "lora_B" in n]
+    assert vit_lora and all(p.grad is not None for p in vit_lora)

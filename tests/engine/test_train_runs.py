@@ -87,3 +87,17 @@ def test_full_and_qlora_single_process(train_assets, tmp_path, config):
     )
     losses = logged_losses(work)
     assert len(losses) == 18 and _falls(losses), losses
+
+
+def test_run_stops_when_too_many_samples_are_unusable(train_assets, tmp_path):
+    """Bad records are skipped, logged with file:line, counted; past max_skip_fraction the run stops."""
+    bad = tmp_path / "bad.jsonl"
+    good = train_assets["data"].read_text().splitlines()
+    lines = [ln if i % 4 else '{"conversations": []}' for i, ln in enumerate(good * 5)]  # 25% unusable
+    bad.write_text("\n".join(lines) + "\n")
+    args = cli_args(train_assets, tmp_path / "w") + [f"train_dataset.data_paths=['{bad}']",
+                                                      "runtime.max_skip_fraction=0.1"]
+    proc = run_cli(args, check=False, cache=train_assets["cache"])
+    assert proc.returncode != 0
+    assert "skipped sample" in proc.stdout + proc.stderr and "bad.jsonl:" in proc.stdout + proc.stderr
+    assert "max_skip_fraction=10.0%" in proc.stderr

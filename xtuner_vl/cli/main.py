@@ -76,6 +76,23 @@ def _copy_cfg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from xtuner_vl.recipes.convert import convert
+
+    out = convert(
+        args.config,
+        args.ckpt,
+        args.out,
+        fmt=args.format,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        cfg_options=args.cfg_options,
+        trust_base=args.trust_base,
+    )
+    print(f"wrote {args.format} output to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xtuner_vl.recipes.config import DictAction
     from xtuner_vl.tiny.checkpoints import TINY_FAMILIES
@@ -116,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("dir")
     p.set_defaults(func=_copy_cfg)
+
+    p = sub.add_parser("convert", help="training checkpoint -> merged official model or peft adapters")
+    p.add_argument("config", help="the run's config (the copy in its work dir, or a shipped name)")
+    p.add_argument("ckpt", help="work dir, step-XXXXXXXX directory, DeepSpeed tag directory or torch_backend.pt")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", choices=["official", "adapter"], default="official")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the base's torch_dtype")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--trust-base", action="store_true", help="accept a base path other than meta.json's")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key=value overrides")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official InternVL format")
     p.add_argument("family", choices=sorted(TINY_FAMILIES), help="release family to mimic")

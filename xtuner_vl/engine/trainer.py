@@ -76,6 +76,7 @@ class Trainer:
         settings: TrainerSettings,
         dist_info: DistInfo,
         work_dir: str | Path,
+        first_usable_batch: Callable[[], Batch] | None = None,
     ) -> None:
         self.backend, self.make_loader, self.sampler = backend, make_loader, sampler
         self.s, self.dist = settings, dist_info
@@ -83,6 +84,7 @@ class Trainer:
         self.ckpt = CheckpointDir(self.work_dir, settings.keep_last)
         self.progress = _Progress()
         self._fallback: Batch | None = None
+        self._first_usable_batch = first_usable_batch
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
@@ -125,12 +127,15 @@ class Trainer:
 
     def _micro_inputs(self, cb: CollatedBatch) -> tuple[Batch, float]:
         """The batch to run and its loss weight; an all-skipped micro-batch re-runs the last good
-        batch with weight 0 so every rank still takes part in the collective forward/backward."""
+        batch (or the data set's first usable sample) with weight 0, so every rank still takes part in
+        the collective forward/backward."""
         if cb.batch is not None:
             self._fallback = cb.batch
             return cb.batch, 1.0
         if self._fallback is None:
-            raise RuntimeError("the first micro-batch of the run has no usable sample; check the data")
+            if self._first_usable_batch is None:
+                raise RuntimeError("the first micro-batch of the run has no usable sample; check the data")
+            self._fallback = self._first_usable_batch()
         return self._fallback, 0.0
 
     def _step(self, micro: list[CollatedBatch]) -> dict[str, float]:

@@ -32,6 +32,7 @@ from xtuner_vl.recipes.settings import (
     parse_section,
 )
 from xtuner_vl.registry import DATASETS
+from xtuner_vl.structures import Sample
 
 __all__ = ["train"]
 
@@ -147,7 +148,14 @@ def train(
             "method": _method(model_s),
         },
     )
-    trainer = Trainer(backend, make_loader, sampler, settings, d, work)
+    def first_usable_batch():
+        for i in range(len(dataset)):  # deterministic: the same sample on every rank and every run
+            sample = dataset[i]
+            if isinstance(sample, Sample):
+                return collate_samples([sample], pad_token_id=pad_id).batch
+        raise RuntimeError(f"none of the {len(dataset)} samples is usable; run `xtuner-vl check-data`")
+
+    trainer = Trainer(backend, make_loader, sampler, settings, d, work, first_usable_batch)
     resume_path = _resume_path(resume, trainer)
     if d.is_main:
         _print_plan(model, dataset, settings, d, accum, runtime, resume_path)
