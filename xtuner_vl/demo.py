@@ -52,8 +52,10 @@ def run_demo(work_dir: str | Path = "work_dirs/demo", steps: int = 30) -> int:
                             "--cfg-options", *options], env=env)
     if train.returncode:
         return train.returncode
-    log = [json.loads(x) for x in (work / "train" / "train_log.jsonl").read_text().splitlines()]
-    first, last = log[0]["loss"], log[-1]["loss"]
-    print(f"loss {first:.3f} -> {last:.3f}; loss curve: {work / 'train' / 'loss_curve.png'}")
+    log = [json.loads(x)["loss"] for x in (work / "train" / "train_log.jsonl").read_text().splitlines()]
+    k = max(1, len(log) // 4)  # mean of the first and the last quarter of the steps
+    first, last = sum(log[:k]) / k, sum(log[-k:]) / k
+    print(f"loss {first:.3f} (first {k} steps) -> {last:.3f} (last {k})")
+    print(f"loss curve: {work / 'train' / 'loss_curve.png'}")
     print(f"checkpoint: {sorted((work / 'train' / 'checkpoints').glob('step-*'))[-1]}")
     return 0 if last < first else 1

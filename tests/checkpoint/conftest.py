@@ -20,16 +20,17 @@ CONFIGS = {m: REPO / "configs" / "tiny" / f"tiny_internvl2_{m}.py" for m in ("fu
 
 @pytest.fixture(scope="session")
 def trained_run(train_assets, tmp_path_factory) -> Callable[..., Path]:  # noqa: F811
-    """``trained_run(method, deepspeed=None)`` -> work dir of a 2-step tiny run (2 processes with DeepSpeed)."""
+    """``trained_run(method, deepspeed=None, *options)`` -> work dir of a 2-step tiny run (2 processes with
+    DeepSpeed); ``options`` are extra ``key=value`` config overrides."""
     cache: dict[tuple, Path] = {}
 
-    def run(method: str, deepspeed: str | None = None) -> Path:
-        key = (method, deepspeed)
+    def run(method: str, deepspeed: str | None = None, *options: str) -> Path:
+        key = (method, deepspeed, options)
         if key not in cache:
             work = tmp_path_factory.mktemp(f"run-{method}-{deepspeed or 'torch'}")
             extra = ("--deepspeed", deepspeed) if deepspeed else ()
             env = {"NPROC_PER_NODE": "2", "PORT": str(free_port())} if deepspeed else {}
-            args = cli_args(train_assets, work, *extra, config=CONFIGS[method]) + ["schedule.max_steps=2"]
+            args = cli_args(train_assets, work, *extra, config=CONFIGS[method]) + ["schedule.max_steps=2", *options]
             run_cli(args, env=env, cache=train_assets["cache"])
             cache[key] = work
         return cache[key]

@@ -206,8 +206,9 @@ class Trainer:
         if self.dist.is_main and resume_from is not None:
             self.logger.message(f"resumed from {resume_from} at step {p.step}")
         self.sampler.resume(p.epoch, p.consumed)
-        it, window_t0, window = iter(self.make_loader()), time.perf_counter(), []
+        it = iter(self.make_loader())
         while p.step < s.total_steps:
+            t0 = time.perf_counter()
             set_group_lrs(self.backend.optimizer, p.step, s.lr, s.total_steps, s.warmup_steps, s.min_lr_ratio)
             micro = self._next_batches(it)
             stats = self._step(micro)
@@ -218,26 +219,23 @@ class Trainer:
                 p.epoch, p.consumed = p.epoch + 1, 0
                 self.sampler.resume(p.epoch, 0)
                 it = iter(self.make_loader())
-            window.append(stats)
-            if p.step % s.log_interval == 0 or p.step == s.total_steps:
-                self._log(window, time.perf_counter() - window_t0)
-                window_t0, window = time.perf_counter(), []
+            # Every step goes to train_log.jsonl / TensorBoard; the console gets every log_interval-th.
+            self._log(stats, time.perf_counter() - t0, p.step % s.log_interval == 0 or p.step == s.total_steps)
             if p.step % s.save_steps == 0 or p.step == s.total_steps:
                 path = self.save()
                 self.logger.message(f"checkpoint: {path}")
         return self.logger.close()
 
-    def _log(self, window: list[dict[str, float]], seconds: float) -> None:
+    def _log(self, last: dict[str, float], seconds: float, console: bool) -> None:
         p, s = self.progress, self.s
-        last = window[-1]
         group_lr = self.backend.optimizer.param_groups[0]
         metrics = {
             "loss": last["loss"],
             "lr": group_lr["lr"] / group_lr.get("lr_scale", 1.0),
             "grad_norm": last["grad_norm"] if last["grad_norm"] is not None else float("nan"),
-            "tokens_per_s": sum(w["tokens"] for w in window) / seconds,
-            "samples_per_s": len(window) * s.micro_batch_size * s.grad_accum * self.dist.world_size / seconds,
+            "tokens_per_s": last["tokens"] / seconds,
+            "samples_per_s": s.micro_batch_size * s.grad_accum * self.dist.world_size / seconds,
             "peak_mem_gib": peak_memory_gib(self.dist.device),
             "skipped": float(p.skipped),
         }
-        self.logger.log(p.step, metrics, console=True)
+        self.logger.log(p.step, metrics, console=console)
