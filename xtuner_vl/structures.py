@@ -39,6 +39,8 @@ class Sample:
     source: str = ""  # data source name, for statistics
     index: int = -1  # dataset index
     tiles_reduced: bool = False  # tiles were cut below the budget to fit max_length
+    position_ids: torch.Tensor | None = None  # [seq]; set on packed rows (restarts at 0 per sample)
+    num_packed: int = 1  # samples in this row (packed rows hold several)
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +57,11 @@ class Batch:
     pixel_values: torch.Tensor  # [tiles, 3, H, W]
     image_flags: torch.Tensor  # [tiles]
     position_ids: torch.Tensor | None = None  # [batch, seq]; restarts per sample when packed
+
+    @property
+    def packed(self) -> bool:
+        """Packed rows attend within each sample only (block-diagonal, from ``position_ids``)."""
+        return self.position_ids is not None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})

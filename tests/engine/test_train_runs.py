@@ -101,3 +101,16 @@ def test_run_stops_when_too_many_samples_are_unusable(train_assets, tmp_path):
     assert proc.returncode != 0
     assert "skipped sample" in proc.stdout + proc.stderr and "bad.jsonl:" in proc.stdout + proc.stderr
     assert "max_skip_fraction=10.0%" in proc.stderr
+
+
+def test_packed_zero3_run_with_accumulation(train_assets, tmp_path):
+    """Packing under ZeRO-3 with gradient accumulation: rows of several samples, loss still falls."""
+    work = tmp_path / "packed"
+    env = {"NPROC_PER_NODE": "2", "PORT": str(free_port())}
+    out = run_cli(cli_args(train_assets, work, "--deepspeed", "zero3")
+                  + ["dataloader.pack=True", "dataloader.pack_max_tiles=12", "train_dataset.max_length=1536",
+                     "schedule.global_batch_size=4", "schedule.micro_batch_size=1", "schedule.epochs=6",
+                     "runtime.save_steps=1000"], env=env, cache=train_assets["cache"])
+    assert "packs" in out.stdout and "accum 2" in out.stdout
+    losses = logged_losses(work)
+    assert len(losses) >= 6 and _falls(losses), losses

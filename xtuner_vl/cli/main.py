@@ -77,19 +77,31 @@ def _copy_cfg(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from xtuner_vl.checkpoint import CheckpointError
     from xtuner_vl.recipes.convert import convert
 
-    out = convert(
-        args.config,
-        args.ckpt,
-        args.out,
-        fmt=args.format,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        cfg_options=args.cfg_options,
-        trust_base=args.trust_base,
-    )
+    try:
+        out = convert(
+            args.config,
+            args.ckpt,
+            args.out,
+            fmt=args.format,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            cfg_options=args.cfg_options,
+            trust_base=args.trust_base,
+        )
+    except CheckpointError as e:
+        print(f"xtuner-vl convert: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.format} output to {out}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from xtuner_vl.recipes.chat import chat
+
+    chat(args.model_dir, args.image, args.video, args.prompt, args.max_new_tokens, args.num_frames)
     return 0
 
 
@@ -144,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-base", action="store_true", help="accept a base path other than meta.json's")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key=value overrides")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("chat", help="chat with an official-format model directory (images, video)")
+    p.add_argument("model_dir")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    p.add_argument("--video", default=None, help="a video file or a folder of frames")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video")
+    p.add_argument("--prompt", default=None, help="one question, answer, exit (default: interactive)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.set_defaults(func=_chat)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official InternVL format")
     p.add_argument("family", choices=sorted(TINY_FAMILIES), help="release family to mimic")

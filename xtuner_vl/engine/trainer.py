@@ -154,9 +154,11 @@ class Trainer:
             out = self.backend.forward(
                 pixel_values=batch.pixel_values,
                 input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                # packed rows: no padding mask; the model isolates samples from the restarting position ids
+                attention_mask=None if batch.packed else batch.attention_mask,
                 image_flags=batch.image_flags,
                 position_ids=batch.position_ids,
+                use_cache=False,
             )
             loss_sum = token_loss_sum(out.logits, batch.labels) * weight
             # Backends average gradients over ranks; multiplying by world size makes it a global sum.

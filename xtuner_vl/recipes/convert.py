@@ -74,7 +74,8 @@ def _check_trainable(ckpt: TrainedCheckpoint, model: nn.Module, config: str, bas
     shapes = [f"{k}: {got[k]} vs {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
     if missing or unexpected or shapes:
         raise CheckpointError(
-            f"checkpoint {ckpt.path} does not match config {config} on base {base}: {len(missing)} trainable weight(s) missing (e.g. {missing[:3]}), "
+            f"checkpoint {ckpt.path} does not match config {config} on base {base}: "
+            f"{len(missing)} trainable weight(s) missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} of another shape "
             f"(checkpoint vs config: {shapes[:3]})"
         )
@@ -83,7 +84,8 @@ def _check_trainable(ckpt: TrainedCheckpoint, model: nn.Module, config: str, bas
 def run_changes(cfg: Any, s: ModelSettings) -> tuple[dict[str, Any], dict[str, Any]]:
     """Top-level and ``vision_config`` fields of config.json that the run's config changed."""
     dataset = dict(cfg.get("train_dataset") or {})
-    changed = {k: dataset[k] for k in _DATASET_FIELDS if dataset.get(k) is not None and isinstance(dataset[k], (str, int))}
+    # A Template object (not a name) cannot go into config.json; the base's template stays then.
+    changed = {k: dataset[k] for k in _DATASET_FIELDS if isinstance(dataset.get(k), (str, int))}
     vision = {"drop_path_rate": s.drop_path_rate} if s.drop_path_rate is not None else {}
     return changed, vision
 

@@ -61,8 +61,10 @@ class ScheduleSettings:
 @dataclass
 class DataLoaderSettings:
     num_workers: int = 4
-    group_by_length: bool = True
+    group_by_length: bool = True  # ignored when packing (packs are already balanced)
     group_factor: int = 50
+    pack: bool = False  # sequence packing: several samples per row up to max_length tokens
+    pack_max_tiles: int = 64  # tile budget per packed row (bounds ViT memory)
 
 
 @dataclass

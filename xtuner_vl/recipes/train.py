@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from xtuner_vl.dataset.collate import collate_samples
+from xtuner_vl.dataset.packing import PackedDataset
 from xtuner_vl.dataset.samplers import DistributedRandomSampler, LengthGroupedSampler
 from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
 from xtuner_vl.engine.dist import DistInfo, init_distributed
@@ -54,7 +55,7 @@ def _grad_accum(sched: ScheduleSettings, world: int) -> int:
 
 
 def _sampler(dataset, loader: DataLoaderSettings, sched: ScheduleSettings, d: DistInfo, seed: int):
-    if loader.group_by_length:
+    if loader.group_by_length and not loader.pack:
         lengths, multimodal = dataset.length_stats()
         return LengthGroupedSampler(
             lengths, multimodal, sched.micro_batch_size * d.world_size, d.rank, d.world_size, seed, loader.group_factor
@@ -90,6 +91,9 @@ def train(
     dataset = DATASETS.build({"model_path": model_s.path, **cfg.train_dataset, "tokenizer": tokenizer})
     model = build_train_model(model_s, d.device)
     accum = _grad_accum(sched, d.world_size)
+    base_dataset = dataset
+    if loader_s.pack:  # micro_batch_size then counts packs (rows of several samples) per step
+        dataset = PackedDataset(base_dataset, max_tiles=loader_s.pack_max_tiles, seed=runtime.seed)
     sampler = _sampler(dataset, loader_s, sched, d, runtime.seed)
     steps_per_epoch = len(sampler) // (sched.micro_batch_size * accum)
     if steps_per_epoch == 0:
@@ -149,11 +153,11 @@ def train(
         },
     )
     def first_usable_batch():
-        for i in range(len(dataset)):  # deterministic: the same sample on every rank and every run
-            sample = dataset[i]
+        for i in range(len(base_dataset)):  # deterministic: the same sample on every rank and every run
+            sample = base_dataset[i]
             if isinstance(sample, Sample):
                 return collate_samples([sample], pad_token_id=pad_id).batch
-        raise RuntimeError(f"none of the {len(dataset)} samples is usable; run `xtuner-vl check-data`")
+        raise RuntimeError(f"none of the {len(base_dataset)} samples is usable; run `xtuner-vl check-data`")
 
     trainer = Trainer(backend, make_loader, sampler, settings, d, work, first_usable_batch)
     resume_path = _resume_path(resume, trainer)
@@ -186,9 +190,10 @@ def _print_plan(
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_step = s.micro_batch_size * accum * d.world_size
+    unit = "packs" if isinstance(dataset, PackedDataset) else "samples"
     print(
-        f"samples {len(dataset)} | world {d.world_size} x micro-batch {s.micro_batch_size} x accum {accum} = "
-        f"{per_step} samples/step | {s.steps_per_epoch} steps/epoch, {s.total_steps} total, warmup {s.warmup_steps}"
+        f"{unit} {len(dataset)} | world {d.world_size} x micro-batch {s.micro_batch_size} x accum {accum} = "
+        f"{per_step} {unit}/step | {s.steps_per_epoch} steps/epoch, {s.total_steps} total, warmup {s.warmup_steps}"
         f" | params {total / 1e6:.1f}M, trainable {trainable / 1e6:.2f}M ({100 * trainable / max(total, 1):.2f}%)"
         f" | backend {runtime.deepspeed or 'torch'} on {d.device}" + (f" | resume {resume}" if resume else ""),
         flush=True,
