@@ -16,3 +16,5 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "check-data: 96 records checked, 0 problems" in proc.stdout
     assert (tmp_path / "train" / "loss_curve.png").is_file()
     assert (tmp_path / "train" / "checkpoints" / "step-00000012" / "COMPLETE").is_file()
+    assert "[4/4] merged official-format model" in proc.stdout and "chat: What colour" in proc.stdout
+    assert (tmp_path / "official" / "config.json").is_file() and (tmp_path / "official" / "model.safetensors").is_file()

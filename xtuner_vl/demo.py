@@ -3,8 +3,10 @@
 1. writes a tiny official-format InternVL2-2B-shaped checkpoint (InternLM2 LLM) and a synthetic image
    QA set (coloured shapes, counts, positions; some multi-image, some text-only samples);
 2. validates the data with ``check-data``;
-3. trains LoRA with ``xtuner-vl train`` on DeepSpeed ZeRO-2 (two processes where there are 2+ cores);
-4. prints the loss before/after and the path of the loss-curve PNG.
+3. trains LoRA with ``xtuner-vl train`` on DeepSpeed ZeRO-2 (two processes where there are 2+ cores)
+   and prints the loss before/after and the path of the loss-curve PNG;
+4. merges the adapters into the official format with ``xtuner-vl convert`` and asks the converted
+   model a question about a held-out image with ``xtuner-vl chat``.
 """
 
 from __future__ import annotations
@@ -34,20 +36,20 @@ def run_demo(work_dir: str | Path = "work_dirs/demo", steps: int = 30) -> int:
     work = Path(work_dir).resolve()
     model = make_tiny("internvl2-2b", work / "internvl2-2b")
     data, images = make_synthetic_dataset(work / "data", num_samples=96, seed=0)
-    print(f"[1/3] tiny checkpoint {model}\n      synthetic data {data} (96 samples)", flush=True)
+    print(f"[1/4] tiny checkpoint {model}\n      synthetic data {data} (96 samples)", flush=True)
     options = [f"model.path={model}", f"train_dataset.data_paths=['{data}']",
                f"train_dataset.image_folders=['{images}']", f"schedule.max_steps={steps}",
                "runtime.log_interval=5", f"runtime.save_steps={steps}"]
     config = str(find_config("tiny_internvl2_lora"))
     cli = [sys.executable, "-m", "xtuner_vl.cli.main"]
     check = subprocess.run([*cli, "check-data", config, "--cfg-options", *options], capture_output=True, text=True)
-    print("[2/3] check-data: " + check.stdout.strip().splitlines()[-1], flush=True)
+    print("[2/4] check-data: " + check.stdout.strip().splitlines()[-1], flush=True)
     if check.returncode:
         print(check.stdout + check.stderr)
         return check.returncode
     nproc = 2 if (os.cpu_count() or 1) >= 2 else 1
     env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1", "PORT": str(_free_port())}
-    print(f"[3/3] training LoRA, DeepSpeed ZeRO-2, {nproc} process(es), {steps} steps", flush=True)
+    print(f"[3/4] training LoRA, DeepSpeed ZeRO-2, {nproc} process(es), {steps} steps", flush=True)
     train = subprocess.run([*cli, "train", config, "--deepspeed", "zero2", "--work-dir", str(work / "train"),
                             "--cfg-options", *options], env=env)
     if train.returncode:
@@ -58,4 +60,22 @@ def run_demo(work_dir: str | Path = "work_dirs/demo", steps: int = 30) -> int:
     print(f"loss {first:.3f} (first {k} steps) -> {last:.3f} (last {k})")
     print(f"loss curve: {work / 'train' / 'loss_curve.png'}")
     print(f"checkpoint: {sorted((work / 'train' / 'checkpoints').glob('step-*'))[-1]}")
-    return 0 if last < first else 1
+    if last >= first:
+        print("loss did not fall")
+        return 1
+    official = work / "official"
+    convert = subprocess.run([*cli, "convert", config, str(work / "train"), str(official), "--cfg-options",
+                              *options], capture_output=True, text=True)
+    if convert.returncode:
+        print(convert.stdout + convert.stderr)
+        return convert.returncode
+    print(f"[4/4] merged official-format model: {official}", flush=True)
+    question = "What colour are the squares?"
+    image = next(images.glob("*.png"))
+    chat = subprocess.run([*cli, "chat", str(official), "--image", str(image), "--prompt", question,
+                           "--max-new-tokens", "8"], capture_output=True, text=True)
+    if chat.returncode:
+        print(chat.stdout + chat.stderr)
+        return chat.returncode
+    print(f"      chat: {question} -> {chat.stdout.strip().splitlines()[-1] if chat.stdout.strip() else ''}")
+    return 0
