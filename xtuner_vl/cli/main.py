@@ -78,9 +78,20 @@ def _copy_cfg(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from xtuner_vl.checkpoint import CheckpointError
-    from xtuner_vl.recipes.convert import convert
+    from xtuner_vl.recipes.convert import convert, convert_from_hf
 
+    positional = [a for a in (args.config, args.ckpt, args.out) if a is not None]
+    if args.from_hf is not None and len(positional) != 1:
+        print("xtuner-vl convert: error: usage: convert --from-hf HF_DIR OUT [--base DIR]", file=sys.stderr)
+        return 2
+    if args.from_hf is None and len(positional) != 3:
+        print("xtuner-vl convert: error: the arguments config, ckpt and out are required", file=sys.stderr)
+        return 2
     try:
+        if args.from_hf is not None:
+            out = convert_from_hf(args.from_hf, positional[0], args.base, args.max_shard_size)
+            print(f"wrote official output to {out}")
+            return 0
         out = convert(
             args.config,
             args.ckpt,
@@ -146,11 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=_copy_cfg)
 
-    p = sub.add_parser("convert", help="training checkpoint -> merged official model or peft adapters")
-    p.add_argument("config", help="the run's config (the copy in its work dir, or a shipped name)")
-    p.add_argument("ckpt", help="work dir, step-XXXXXXXX directory, DeepSpeed tag directory or torch_backend.pt")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--format", choices=["official", "adapter"], default="official")
+    p = sub.add_parser("convert", help="training checkpoint -> merged official / hf model or peft adapters")
+    # Optional positionals so that `convert --from-hf HF_DIR OUT` parses; _convert checks the count.
+    p.add_argument("config", nargs="?", help="the run's config (the copy in its work dir, or a shipped name)")
+    p.add_argument(
+        "ckpt", nargs="?", help="work dir, step-XXXXXXXX directory, DeepSpeed tag directory or torch_backend.pt"
+    )
+    p.add_argument("out", nargs="?", help="output directory")
+    p.add_argument("--format", choices=["official", "adapter", "hf"], default="official")
+    p.add_argument("--from-hf", default=None, help="hf InternVL directory -> official format: convert --from-hf HF OUT")
+    p.add_argument("--base", default=None, help="with --from-hf: official release to copy config/tokenizer/code from")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the base's torch_dtype")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--trust-base", action="store_true", help="accept a base path other than meta.json's")

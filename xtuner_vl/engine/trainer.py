@@ -30,11 +30,27 @@ from xtuner_vl.structures import IGNORE_INDEX, Batch
 __all__ = ["Trainer", "TrainerSettings", "token_loss_sum"]
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (fp32) of next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    per_token = F.cross_entropy(logits[:, :-1][keep].float(), shift_labels[keep], reduction="none")
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is trained in some row: the only logits the loss needs.
+
+    Computing the vocabulary projection only there avoids full [batch, seq, vocab] logits for image and
+    prompt tokens (for InternVL most of the sequence).
+    """
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
+    return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE_INDEX.
+
+    ``logits`` are for every position, or only for ``positions`` (see :func:`loss_positions`).
+    """
+    if positions is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = labels[:, 1:][:, positions]
+    keep = targets != IGNORE_INDEX
+    per_token = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
     # Summed in float64: a float32 vector sum depends on buffer alignment (SIMD lanes), which differs
     # between a run and its resumption; the float64 sum rounds back to the same float32 loss.
     return per_token.double().sum()
@@ -159,8 +175,9 @@ class Trainer:
                 image_flags=batch.image_flags,
                 position_ids=batch.position_ids,
                 use_cache=False,
+                logits_to_keep=(positions := loss_positions(batch.labels)),
             )
-            loss_sum = token_loss_sum(out.logits, batch.labels) * weight
+            loss_sum = token_loss_sum(out.logits, batch.labels, positions) * weight
             # Backends average gradients over ranks; multiplying by world size makes it a global sum.
             self.backend.backward((loss_sum * self.dist.world_size / n_global).float())
             norm = self.backend.step(boundary)

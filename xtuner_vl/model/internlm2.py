@@ -278,7 +278,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         kwargs.pop("labels", None)
@@ -292,6 +292,8 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = out.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to compute logits for (training loss)
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return CausalLMOutputWithPast(logits=self.output(hidden), cache=out.cache)

@@ -8,6 +8,7 @@ config's method produces on the base (built on the meta device, no memory) must 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,15 @@ from xtuner_vl.checkpoint import (
     read_trained_checkpoint,
     split_delta,
 )
+from xtuner_vl.checkpoint.hf_export import check_hf_exportable, official_to_hf
+from xtuner_vl.checkpoint.hf_import import hf_to_official
 from xtuner_vl.model import build_empty_model, read_config
 from xtuner_vl.recipes.config import find_config, load_config
 from xtuner_vl.recipes.settings import ModelSettings, parse_section
 
-__all__ = ["FORMATS", "convert", "expected_trainable_model", "run_changes"]
+__all__ = ["FORMATS", "convert", "convert_from_hf", "expected_trainable_model", "run_changes"]
 
-FORMATS = ("official", "adapter")
+FORMATS = ("official", "adapter", "hf")
 _DATASET_FIELDS = ("template", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")
 
 
@@ -122,7 +125,8 @@ def convert(
         config: the training config (the copy the trainer dumped into the work dir, or a shipped name).
         ckpt: a work dir, a ``step-XXXXXXXX`` directory, a DeepSpeed tag directory or ``torch_backend.pt``.
         out: output directory (created).
-        fmt: ``official`` (merged weights, official layout) or ``adapter`` (peft adapter directories).
+        fmt: ``official`` (merged weights, official layout), ``adapter`` (peft adapter directories) or ``hf``
+            (merged weights as a transformers-native ``InternVLForConditionalGeneration`` directory).
         dtype: ``bf16`` / ``fp16`` / ``fp32``; None = the base release's ``torch_dtype``.
         max_shard_size: largest weight file of an ``official`` output.
         cfg_options: ``key=value`` overrides of the config.
@@ -147,11 +151,35 @@ def convert(
     delta = split_delta(trained.state, alphas)
     check_against_base(delta, base_shapes(s.path), str(trained.path), s.path)
     base_raw = json.loads((Path(s.path) / "config.json").read_text(encoding="utf-8"))
+    if fmt == "hf":
+        check_hf_exportable(base_raw, str(Path(s.path) / "config.json"))  # refuse before anything is written
     out_dtype = _output_dtype(dtype, base_raw)
     if fmt == "adapter":
         export_adapters(delta, _lora_configs(model), out, s.path, out_dtype)
         return Path(out)
     changed, vision = run_changes(cfg, s)
     new_config = converted_config(base_raw, out_dtype, changed, vision)
+    if fmt == "hf":
+        # Merge into a temporary official directory beside ``out`` (same disk), then rename/split from it.
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".official-", dir=Path(out).parent) as tmp:
+            export_official(delta, s.path, tmp, new_config, out_dtype, max_shard_size)
+            official_to_hf(tmp, out, max_shard_size)
+        return Path(out)
     export_official(delta, s.path, out, new_config, out_dtype, max_shard_size)
     return Path(out)
+
+
+def convert_from_hf(hf_dir: str, out: str, base: str | None = None, max_shard_size: str = "5GB") -> Path:
+    """``--from-hf``: a transformers-native InternVL directory back to the official format.
+
+    Args:
+        hf_dir: an ``InternVLForConditionalGeneration`` directory (e.g. written by ``--format hf``).
+        out: output directory (created).
+        base: the official release it came from (config template, tokenizer and remote-code files).
+        max_shard_size: largest weight file written.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    return hf_to_official(hf_dir, out, base, max_shard_size)

@@ -1,0 +1,340 @@
+"""Official InternVL directory -> transformers-native ``InternVLForConditionalGeneration`` directory.
+
+transformers implements InternVL natively (no remote code) for ``ps_version`` v2 with a Llama, Qwen2 (or other
+AutoModel) text model. This module writes such a directory from an official one, one tensor at a time:
+
+- weights: ``vision_model`` -> ``model.vision_tower`` (``attn.qkv`` split into ``q/k/v_proj``), ``mlp1`` ->
+  ``model.multi_modal_projector``, ``language_model.model`` -> ``model.language_model``,
+  ``language_model.lm_head`` / ``.output`` -> ``lm_head``; InternLM2 layers renamed onto Llama's
+  (``wqkv`` split per KV group, see :func:`split_wqkv`);
+- config.json: ``InternVLConfig`` (vision fields translated, text config of the backbone's transformers type),
+  plus ``internvl_chat_config``: the official top-level fields, so ``--from-hf`` can restore them;
+- tokenizer and processor: a ``tokenizer.json`` (InternLM2's sentencepiece model converted to a fast
+  tokenizer, same ids as :class:`xtuner_vl.model.internlm2_tokenizer.InternLM2Tokenizer`), the image tokens
+  named as transformers' ``InternVLProcessor`` expects, a ``GotOcr2ImageProcessor`` with the official tiling
+  and normalisation, and a chat template rendering the official template of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tqdm import tqdm
+from transformers import (
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    InternVLVisionConfig,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from xtuner_vl.checkpoint.stream import ShardWriter, base_shapes, iter_base_tensors
+from xtuner_vl.checkpoint.trained import CheckpointError
+from xtuner_vl.dataset.templates import get_template
+from xtuner_vl.model.configuration import InternVLConfig as OfficialConfig
+from xtuner_vl.model.configuration import VisionConfig, read_config
+from xtuner_vl.model.llm import build_llm_config
+from xtuner_vl.model.tokenizer import IMG_CONTEXT_TOKEN, img_context_token_id, load_tokenizer
+from xtuner_vl.model.weights import atomic_write_text
+
+__all__ = [
+    "HF_LLM_ARCHS",
+    "IMAGE_TOKENS",
+    "OFFICIAL_FIELDS_KEY",
+    "check_hf_exportable",
+    "hf_config",
+    "hf_tensors",
+    "official_to_hf",
+    "split_wqkv",
+    "write_hf_processor",
+]
+
+HF_LLM_ARCHS = ("InternLM2ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+OFFICIAL_FIELDS_KEY = "internvl_chat_config"  # official top-level config fields kept in the hf config.json
+# Names transformers' InternVLProcessor reads from the tokenizer.
+IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": IMG_CONTEXT_TOKEN}
+VIDEO_TOKEN = "<video>"
+_IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+_INTERNLM2_RENAMES = (  # official InternLM2 name part -> Llama name part (wqkv is split separately)
+    ("model.tok_embeddings.", "model.embed_tokens."),
+    (".attention.wo.", ".self_attn.o_proj."),
+    (".feed_forward.w1.", ".mlp.gate_proj."),
+    (".feed_forward.w3.", ".mlp.up_proj."),
+    (".feed_forward.w2.", ".mlp.down_proj."),
+    (".attention_norm.", ".input_layernorm."),
+    (".ffn_norm.", ".post_attention_layernorm."),
+)
+_VIT_RENAMES = (
+    ("embeddings.class_embedding", "embeddings.cls_token"),
+    ("embeddings.position_embedding", "embeddings.position_embeddings"),
+    ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
+    ("encoder.layers.", "encoder.layer."),
+    (".attn.proj.", ".attention.projection_layer."),
+    (".attn.q_norm.", ".attention.q_norm."),
+    (".attn.k_norm.", ".attention.k_norm."),
+    (".norm1.", ".layernorm_before."),
+    (".norm2.", ".layernorm_after."),
+    (".ls1", ".lambda_1"),
+    (".ls2", ".lambda_2"),
+)
+_MLP1 = {"mlp1.0.": "model.multi_modal_projector.layer_norm.", "mlp1.1.": "model.multi_modal_projector.linear_1.",
+         "mlp1.3.": "model.multi_modal_projector.linear_2."}
+
+
+def check_hf_exportable(raw: dict[str, Any], source: str) -> None:
+    """Refuse, before anything is written, an official config transformers' InternVL cannot represent.
+
+    Raises:
+        CheckpointError: ``ps_version`` v1 (transformers implements only v2's pixel shuffle; a v1 model's image
+            features would be transposed), a Phi-3 or other unsupported backbone.
+    """
+    ps_version = raw.get("ps_version", "v1")  # the official config class defaults to v1
+    if ps_version != "v2":
+        raise CheckpointError(
+            f"{source}: ps_version is {ps_version!r}; transformers' InternVLForConditionalGeneration implements "
+            "only the v2 pixel shuffle (v1 feeds transposed image features), so --format hf cannot represent it"
+        )
+    arch = (raw.get("llm_config", {}).get("architectures") or [None])[0]
+    if arch == "Phi3ForCausalLM":
+        raise CheckpointError(
+            f"{source}: Phi-3 backbone; transformers' InternVL has no Phi-3 text model mapping with the official "
+            "'su' rope semantics and fused qkv/gate_up layout, so --format hf refuses it (use --format official)"
+        )
+    if arch not in HF_LLM_ARCHS:
+        raise CheckpointError(f"{source}: backbone {arch!r} is not supported by --format hf ({HF_LLM_ARCHS})")
+
+
+def _internlm2_text_config(llm: dict[str, Any]) -> LlamaConfig:
+    rope = {"rope_type": "default", "rope_theta": float(llm.get("rope_theta", 10000))}
+    scaling = llm.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("type", scaling.get("rope_type"))
+        if kind not in ("dynamic", "linear"):
+            raise CheckpointError(f"InternLM2 rope_scaling {scaling} is not supported by --format hf")
+        # transformers' dynamic rope equals the official InternLM2 one up to the longest length seen, but it
+        # resets to the unscaled table for inputs shorter than max_position_embeddings, while the official
+        # InternLM2 keeps its longest table: a generation that grew past max_position_embeddings and is
+        # followed by a shorter call differs.
+        rope.update(rope_type=kind, factor=float(scaling["factor"]))
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+            "use_cache", "pad_token_id", "bos_token_id", "eos_token_id")
+    return LlamaConfig(**{k: llm[k] for k in keys if llm.get(k) is not None}, attention_bias=bool(llm.get("bias")),
+                       mlp_bias=False, rope_parameters=rope, tie_word_embeddings=False)
+
+
+def _vision_config(raw_vision: dict[str, Any]) -> InternVLVisionConfig:
+    v = VisionConfig.from_dict(raw_vision)
+    return InternVLVisionConfig(
+        hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+        intermediate_size=v.intermediate_size, hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps,
+        norm_type=v.norm_type, image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
+        attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization, attention_dropout=v.attention_dropout,
+        hidden_dropout_prob=v.dropout, projection_dropout=v.dropout,
+        initializer_range=raw_vision.get("initializer_range", 0.02),
+        # InternViT initialises ls1/ls2 to initializer_factor; no final norm, hence "mean pooling" (Identity).
+        layer_scale_init_value=v.initializer_factor, use_mean_pooling=True, use_absolute_position_embeddings=True,
+    )
+
+
+def hf_config(raw: dict[str, Any], image_token_id: int) -> InternVLConfig:
+    """transformers' ``InternVLConfig`` equivalent to the official config.json ``raw``."""
+    llm = raw["llm_config"]
+    if llm["architectures"][0] == "InternLM2ForCausalLM":
+        text = _internlm2_text_config(llm)
+    else:
+        text = build_llm_config(llm)
+    cfg = OfficialConfig.from_dict(raw)
+    config = InternVLConfig(
+        vision_config=_vision_config(raw["vision_config"]).to_dict(), text_config=text.to_dict(),
+        image_token_id=image_token_id, image_seq_length=cfg.num_image_token, downsample_ratio=cfg.downsample_ratio,
+        projector_hidden_act="gelu", vision_feature_layer=cfg.select_layer, vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["InternVLForConditionalGeneration"]
+    config.dtype = raw.get("torch_dtype", "bfloat16")
+    official = {k: v for k, v in raw.items() if k not in ("vision_config", "llm_config")}
+    official["llm_architecture"] = llm["architectures"][0]
+    setattr(config, OFFICIAL_FIELDS_KEY, official)
+    return config
+
+
+def split_wqkv(wqkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, ...]:
+    """InternLM2 ``wqkv`` [(heads + 2 kv) * d, ...] -> (q, k, v): rows grouped per KV head as
+    ``(kv, q_per_kv + 2, d)``: that group's query heads, then its key head, then its value head."""
+    groups = num_heads // num_kv_heads
+    head_dim = wqkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    w = wqkv.reshape(num_kv_heads, groups + 2, head_dim, *wqkv.shape[1:])
+    tail = wqkv.shape[1:]
+    q = w[:, :groups].reshape(num_heads * head_dim, *tail)
+    k = w[:, groups].reshape(num_kv_heads * head_dim, *tail)
+    v = w[:, groups + 1].reshape(num_kv_heads * head_dim, *tail)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _rename(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for old, new in renames:
+        key = key.replace(old, new)
+    return key
+
+
+def hf_tensors(key: str, tensor: torch.Tensor, llm: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """The transformers-native ``(name, tensor)`` pairs of one official tensor ``key``."""
+    internlm2 = llm["architectures"][0] == "InternLM2ForCausalLM"
+    if key.startswith("vision_model."):
+        name = "model.vision_tower." + _rename(key[len("vision_model."):], _VIT_RENAMES)
+        if ".attn.qkv." in name:
+            parts = tensor.chunk(3, dim=0)  # InternViT's qkv rows: all q, then all k, then all v
+            return [(name.replace(".attn.qkv.", f".attention.{p}_proj."), t.contiguous())
+                    for p, t in zip("qkv", parts, strict=True)]
+        return [(name, tensor)]
+    for old, new in _MLP1.items():
+        if key.startswith(old):
+            return [(new + key[len(old):], tensor)]
+    if key in ("language_model.lm_head.weight", "language_model.output.weight"):
+        return [("lm_head.weight", tensor)]
+    if not key.startswith("language_model.model."):
+        raise CheckpointError(f"official weight {key!r} has no transformers-native counterpart")
+    name = "model.language_model." + key[len("language_model.model."):]
+    if not internlm2:
+        return [(name, tensor)]
+    name = _rename("model." + name[len("model.language_model."):], _INTERNLM2_RENAMES)
+    name = "model.language_model." + name[len("model."):]
+    if ".attention.wqkv." in name:
+        heads = llm["num_attention_heads"]
+        qkv = split_wqkv(tensor, heads, llm.get("num_key_value_heads") or heads)
+        return [(name.replace(".attention.wqkv.", f".self_attn.{p}_proj."), t) for p, t in zip("qkv", qkv, strict=True)]
+    return [(name, tensor)]
+
+
+def _sentencepiece_fast(model_file: Path, slow: PreTrainedTokenizerBase) -> Tokenizer:
+    """A fast BPE tokenizer with the ids of our sentencepiece tokenizers (InternLM2, Yi / Llama).
+
+    sentencepiece BPE merges, at each step, the adjacent pair whose merged piece scores highest (lowest id);
+    listing every split of every piece, ranked by the merged piece's id, gives transformers the same order.
+    The added tokens are split off first, as the slow tokenizers do, with their lstrip/rstrip flags.
+    """
+    proto = sp_pb2.ModelProto.FromString(model_file.read_bytes())
+    spec = proto.normalizer_spec
+    if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE or spec.remove_extra_whitespaces:
+        raise CheckpointError(f"{model_file}: only BPE sentencepiece models without whitespace folding convert")
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    ranked = []
+    for i, piece in enumerate(proto.pieces):
+        if piece.type == sp_pb2.ModelProto.SentencePiece.NORMAL:
+            s = piece.piece
+            ranked += [(i, vocab[s[:k]], vocab[s[k:]]) for k in range(1, len(s)) if s[:k] in vocab and s[k:] in vocab]
+    merges = [(proto.pieces[a].piece, proto.pieces[b].piece) for _, a, b in sorted(ranked)]
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    fast = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    norm = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    norm += [normalizers.Prepend("▁")] if spec.add_dummy_prefix else []
+    fast.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", "▁")])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    fast.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
+    single, specials = "$A:0", []
+    if getattr(slow, "add_bos_token", False):
+        single, specials = f"{slow.bos_token}:0 $A:0", [(slow.bos_token, slow.bos_token_id)]
+    if getattr(slow, "add_eos_token", False):
+        single, specials = f"{single} {slow.eos_token}:0", [*specials, (slow.eos_token, slow.eos_token_id)]
+    fast.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    added = sorted(slow.added_tokens_decoder.items())
+    fast.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                        normalized=t.normalized, special=t.special) for _, t in added])
+    return fast
+
+
+def _chat_template(raw: dict[str, Any]) -> str:
+    """Jinja rendering of the official MPT prompt: system block (the release default unless the messages start
+    with a system message), one block per message (images as ``<IMG_CONTEXT>``, which the processor expands to
+    ``<img>`` + 256 per tile + ``</img>``), then the assistant header."""
+    t = get_template(raw.get("template") or "internlm2-chat", raw.get("system_message"))
+    user, assistant = (json.dumps(r) for r in t.roles)
+    sep, system = json.dumps(t.sep), json.dumps(t.system_template.split("{system_message}")[0])
+    return (
+        "{%- macro text(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- for p in c -%}"
+        f"{{%- if p['type'] == 'image' -%}}{{{{ '{IMG_CONTEXT_TOKEN}\\n' }}}}"
+        f"{{%- elif p['type'] == 'video' -%}}{{{{ '{VIDEO_TOKEN}\\n' }}}}"
+        "{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+        f"{{%- set sys = {json.dumps(t.system_message)} -%}}{{%- set msgs = messages -%}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}{%- set sys = text(messages[0]['content']) -%}"
+        "{%- set msgs = messages[1:] -%}{%- endif -%}"
+        f"{{{{ {system} + sys + {sep} }}}}"
+        "{%- for m in msgs -%}"
+        f"{{{{ ({user} if m['role'] == 'user' else {assistant}) + text(m['content']) + {sep} }}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {assistant} }}}}{{%- endif -%}}"
+    )
+
+
+def write_hf_processor(official_dir: str | Path, out_dir: str | Path, raw: dict[str, Any]) -> None:
+    """Write the tokenizer (``tokenizer.json``, no remote code), image/video processors and chat template."""
+    source, out = Path(official_dir), Path(out_dir)
+    slow = load_tokenizer(source)
+    if (source / "tokenizer.model").is_file():
+        fast = _sentencepiece_fast(source / "tokenizer.model", slow)
+    else:  # Qwen2: already a byte-level BPE tokenizer.json with the same ids
+        fast = Tokenizer.from_str(slow.backend_tokenizer.to_str())
+    named = {k: str(getattr(slow, k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+             if getattr(slow, k, None) is not None}
+    template = _chat_template(raw)
+    # <video> is not in the official vocabularies: the processor replaces it by frame tiles before tokenizing,
+    # so its new id (len(vocab)) never reaches the model.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=fast, **named, extra_special_tokens={**IMAGE_TOKENS, "video_token": VIDEO_TOKEN},
+        model_max_length=slow.model_max_length, padding_side=slow.padding_side, chat_template=template,
+    )
+    cfg = OfficialConfig.from_dict(raw)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    common = dict(size=size, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD, do_convert_rgb=True)
+    # GotOcr2's tiling is the official dynamic_preprocess, and it always appends the thumbnail (use_thumbnail).
+    image = GotOcr2ImageProcessor(**common, crop_to_patches=bool(cfg.dynamic_image_size),
+                                  min_patches=cfg.min_dynamic_patch, max_patches=cfg.max_dynamic_patch)
+    processor = InternVLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(
+        **common), image_seq_length=cfg.num_image_token, chat_template=template)
+    processor.save_pretrained(str(out))
+
+
+def _converted(source: Path, llm: dict[str, Any], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    total = len(base_shapes(source))
+    for key, tensor in tqdm(iter_base_tensors(source), total=total, desc="to hf", disable=not progress):
+        yield from hf_tensors(key, tensor, llm)
+
+
+def official_to_hf(
+    official_dir: str | Path, out_dir: str | Path, max_shard_size: int | str = "5GB", progress: bool = True
+) -> Path:
+    """Write the official InternVL directory ``official_dir`` as a transformers-native one at ``out_dir``.
+
+    Weights keep their dtype and values (only renamed and split), streamed one tensor at a time. Loadable with
+    ``InternVLForConditionalGeneration.from_pretrained(out_dir)``, ``AutoProcessor`` and ``AutoTokenizer``,
+    without ``trust_remote_code``.
+
+    Raises:
+        CheckpointError: a v1 / Phi-3 / unsupported model (nothing written), or ``out_dir`` is ``official_dir``.
+    """
+    source, out = Path(official_dir), Path(out_dir)
+    raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    check_hf_exportable(raw, str(source / "config.json"))
+    if out.resolve() == source.resolve():
+        raise CheckpointError(f"output directory {out} is the source directory; choose another one")
+    read_config(source)  # validates the official config as our loader does
+    config = hf_config(raw, img_context_token_id(load_tokenizer(source)))
+    writer = ShardWriter(out, max_shard_size)
+    for name, tensor in _converted(source, raw["llm_config"], progress):
+        writer.add(name, tensor)
+    writer.finish()
+    atomic_write_text(out / "config.json", config.to_json_string())
+    if (source / "generation_config.json").is_file():
+        (out / "generation_config.json").write_bytes((source / "generation_config.json").read_bytes())
+    write_hf_processor(source, out, raw)
+    return out
