@@ -7,7 +7,8 @@ error names ``file:line``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ class AnnotationFile:
     offsets: np.ndarray
     lines: np.ndarray
     _text: str | None = None  # the decoded file, kept for .json lists only
+    _fh: Any = field(default=None, repr=False, compare=False)
+    _fh_pid: int | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def scan(cls, path: str | Path) -> AnnotationFile:
@@ -107,15 +110,24 @@ class AnnotationFile:
     def line_of(self, i: int) -> int:
         return int(self.lines[i])
 
+    def _handle(self):
+        """One open handle per process (a forked DataLoader worker opens its own), instead of one per record."""
+        if self._fh is None or self._fh_pid != os.getpid():
+            self._fh, self._fh_pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115
+        return self._fh
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fh": None, "_fh_pid": None}
+
     def record(self, i: int) -> dict[str, Any]:
         """Decode record ``i``; raises :class:`AnnotationError` naming its line."""
         line = self.line_of(i)
         if self._text is not None:
             obj, _ = json.JSONDecoder().raw_decode(self._text, int(self.offsets[i]))
         else:
-            with open(self.path, "rb") as f:
-                f.seek(int(self.offsets[i]))
-                raw = f.readline()
+            f = self._handle()
+            f.seek(int(self.offsets[i]))
+            raw = f.readline()
             try:
                 obj = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:

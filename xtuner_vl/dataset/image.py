@@ -21,6 +21,7 @@ EXIF orientation is not applied, as in the official.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -141,6 +142,11 @@ def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
     Grids with the same tile count keep the official order, which is CPython's (deterministic) iteration
     order of the set the official builds; it only matters when ``min_num > 1`` (see find_closest_grid).
     """
+    return list(_candidate_grids(min_num, max_num))
+
+
+@functools.cache
+def _candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
     if min_num < 1 or max_num < min_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
     grids = {
@@ -150,7 +156,7 @@ def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
         for j in range(1, n + 1)
         if min_num <= i * j <= max_num
     }
-    return sorted(grids, key=lambda g: g[0] * g[1])
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
 def find_closest_grid(
@@ -169,7 +175,7 @@ def find_closest_grid(
     aspect = width / height
     area = width * height
     best, best_diff = (1, 1), float("inf")
-    for cols, rows in candidate_grids(min_num, max_num):
+    for cols, rows in _candidate_grids(min_num, max_num):
         diff = abs(aspect - cols / rows)
         if diff < best_diff:
             best, best_diff = (cols, rows), diff
