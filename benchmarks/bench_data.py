@@ -1,7 +1,8 @@
 """Samples/s per core of the xtuner-vl image + text pipeline vs the official InternVL way of doing it.
 
-Ours: ``xtuner_vl.dataset.load_image_tiles`` (tiling and normalisation of the whole image at once) and
-``xtuner_vl.dataset.tokenize_conversation`` (images collapsed to one token while the labels are placed).
+Ours: ``xtuner_vl.dataset.load_image_tiles`` (tiles read from the resized image's colour planes, converted
+and normalised straight into the output) and ``xtuner_vl.dataset.tokenize_conversation`` (images
+collapsed to one token while the labels are placed).
 
 Baseline, written here the way the official ``internvl_chat/internvl/train/dataset.py`` does it:
 ``Image.open(...).convert('RGB')`` -> ``dynamic_preprocess`` (candidate grids, closest aspect ratio with
@@ -10,9 +11,15 @@ BICUBIC), ToTensor, Normalize])`` -> ``torch.stack``; and ``preprocess_internlm`
 every ``<image>`` expanded to 256 x tiles ``<IMG_CONTEXT>`` tokens, tokenized whole, labels masked by
 re-tokenizing the pieces of the prompt). Both sides use the same tiny InternLM2 tokenizer.
 
-Before timing, the pixel tensors of every image must be ``torch.equal`` and the input ids and labels equal.
-Everything runs on one thread (``torch.set_num_threads(1)``), so samples/s is per core. Ours and the
-baseline alternate round by round and the median round is kept, so a busy machine affects both alike.
+Two more columns bound what is possible: ``u8 proto`` is a prototype (here only) of our sample returning
+uint8 tiles, normalised later on the accelerator; ``PIL floor`` is only the JPEG decode and the two PIL
+resizes (grid, thumbnail) that any bit-identical pipeline must do, so official / (floor + our
+tokenization) is the highest ratio reachable while PIL does the resizing.
+
+Before timing, the pixel tensors of every image must be ``torch.equal`` (the prototype's after
+``normalize_tiles``) and the input ids and labels equal. Everything runs on one thread
+(``torch.set_num_threads(1)``), so samples/s is per core. The functions alternate round by round and the
+median round is kept, in wall time and in CPU time of this process (steadier on a shared machine).
 
 Run: ``python benchmarks/bench_data.py`` (``--help`` for the knobs, ``--profile`` for where the time goes).
 """
@@ -23,7 +30,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +40,8 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw
 from torchvision.transforms.functional import InterpolationMode
 
-from xtuner_vl.dataset import load_image_tiles, tokenize_conversation
+from xtuner_vl.dataset import load_image, load_image_tiles, tokenize_conversation
+from xtuner_vl.dataset.image import find_closest_grid
 from xtuner_vl.model import load_tokenizer
 from xtuner_vl.tiny.tokenizers import write_tiny_tokenizer
 
@@ -201,6 +208,47 @@ def our_sample(jpeg: bytes, tokenizer, max_num: int):
     return pixels, ids, labels
 
 
+def _grid_and_thumbnail(image: Image.Image, max_num: int):
+    """The two PIL resizes every bit-identical pipeline must do (grid, thumbnail), with the grid's shape."""
+    cols, rows = find_closest_grid(image.width, image.height, 1, max_num, 448)
+    resized = image.resize((448 * cols, 448 * rows), Image.Resampling.BICUBIC)
+    thumbnail = image.resize((448, 448), Image.Resampling.BICUBIC) if cols * rows > 1 else None
+    return cols, rows, resized, thumbnail
+
+
+def uint8_sample(jpeg: bytes, tokenizer, max_num: int):
+    """PROTOTYPE, not in the library: our sample with uint8 tiles, normalisation left to the training step.
+
+    The design it measures: workers return uint8 [T, 3, 448, 448] (4x less to pickle and move between
+    processes and to the accelerator) and the step runs ``normalize_tiles`` on the accelerator.
+    """
+    image = load_image(io.BytesIO(jpeg))
+    cols, rows, resized, thumbnail = _grid_and_thumbnail(image, max_num)
+    out = np.empty((cols * rows + (thumbnail is not None), 3, 448, 448), dtype=np.uint8)
+    grid = out[: cols * rows].reshape(rows, cols, 3, 448, 448)  # a view: out is contiguous
+    for channel, band in enumerate("RGB"):
+        plane = np.frombuffer(resized.tobytes("raw", band), dtype=np.uint8).reshape(rows, 448, cols, 448)
+        grid[:, :, channel] = plane.transpose(0, 2, 1, 3)
+        if thumbnail is not None:
+            out[-1, channel] = np.frombuffer(thumbnail.tobytes("raw", band), dtype=np.uint8).reshape(448, 448)
+    ids, labels = tokenize_conversation(CONVERSATION, tokenizer, "internlm2-chat", NUM_IMAGE_TOKEN * len(out))
+    return torch.from_numpy(out), ids, labels
+
+
+def normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """What the training step would run on the accelerator: ToTensor's and Normalize's float32 ops, in order."""
+    mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=tiles.device).view(-1, 1, 1)
+    return tiles.float().div(255).sub_(mean).div_(std)
+
+
+def pil_floor(jpeg: bytes, max_num: int) -> None:
+    """The PIL work bit-identity requires of any pipeline that uses PIL: decode, then the two resizes."""
+    image = Image.open(io.BytesIO(jpeg))
+    image.load()
+    _grid_and_thumbnail(image, max_num)
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 def make_image(size: tuple[int, int], seed: int) -> bytes:
     """A deterministic photo-like JPEG (smooth colour field, shapes, fine noise), quality 90."""
@@ -225,16 +273,20 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def median_seconds(fns: list[Callable[[], object]], rounds: int) -> list[float]:
-    """Median wall time of each function, calling them in turn each round (one warm-up round first)."""
-    times: list[list[float]] = [[] for _ in fns]
+def median_seconds(fns: list[Callable[[], object]], rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median wall and CPU seconds of each function, called in turn each round, after one warm-up round.
+
+    CPU time (of this process) leaves out the time other jobs held the core: steadier on a shared machine.
+    """
+    times = np.zeros((rounds, len(fns), 2))
     for r in range(rounds + 1):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fn()
             if r:
-                times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+                times[r - 1, i] = time.perf_counter() - w0, time.process_time() - c0
+    medians = np.median(times, axis=0)
+    return medians[:, 0], medians[:, 1]
 
 
 def profile(name: str, fn: Callable[[], object], top: int) -> None:
@@ -248,35 +300,39 @@ def profile(name: str, fn: Callable[[], object], top: int) -> None:
 
 
 def check_identical(images: list[bytes], sizes, tokenizer, transform, max_num: int) -> None:
-    """Exit unless both pipelines give equal pixels (``torch.equal``), input ids and labels per image."""
+    """Exit unless both pipelines (and the uint8 prototype, normalised) give equal pixels, ids and labels."""
     for size, jpeg in zip(sizes, images, strict=True):
         ours = our_sample(jpeg, tokenizer, max_num)
         theirs = official_sample(jpeg, tokenizer, transform, max_num)
-        if not torch.equal(ours[0], theirs[0]):
+        proto = uint8_sample(jpeg, tokenizer, max_num)
+        if not (torch.equal(ours[0], theirs[0]) and torch.equal(normalize_tiles(proto[0]), theirs[0])):
             raise SystemExit(f"{size}: pixel tensors differ")
-        if not (torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])):
-            raise SystemExit(f"{size}: input ids or labels differ")
-    print(f"checked: pixels (torch.equal), input ids and labels identical for all {len(images)} images")
+        for got in (ours, proto):
+            if not (torch.equal(got[1], theirs[1]) and torch.equal(got[2], theirs[2])):
+                raise SystemExit(f"{size}: input ids or labels differ")
+    print(f"checked: pixels (torch.equal; uint8 prototype normalised), ids and labels equal for {len(images)} images")
 
 
-def time_sizes(images: list[bytes], sizes, tokenizer, transform, max_num: int, rounds: int) -> np.ndarray:
-    """Print the per-size table; return the summed median seconds of the six measured functions."""
+def time_sizes(images: list[bytes], sizes, tokenizer, transform, max_num: int, rounds: int):
+    """Print the per-size table (wall ms); return the wall and CPU medians of its 8 functions, summed."""
     header = (
         f"{'size':>10} {'tiles':>5} {'tokens':>6} | {'img ours':>8} {'img off':>8} {'ratio':>5} | "
-        f"{'txt ours':>8} {'txt off':>8} {'ratio':>5} | {'all ours':>8} {'all off':>8} {'ratio':>5}"
+        f"{'txt ours':>8} {'txt off':>8} {'ratio':>5} | {'all ours':>8} {'all off':>8} {'ratio':>5} {'cpu':>5} | "
+        f"{'u8 proto':>8} {'ratio':>5} | {'PIL floor':>9}"
     )
     print(
-        "\nmedian ms per sample, one thread; img: decoded RGB image -> tiles tensor; txt: ids + labels; "
-        "all: JPEG bytes -> tensor + ids + labels"
+        "\nmedian ms per sample (wall), one thread; img: decoded RGB image -> tiles tensor; txt: ids + labels; "
+        "all: JPEG bytes -> tensor + ids + labels;\ncpu: the all ratio in CPU time; u8 proto: all, uint8 tiles "
+        "(prototype); PIL floor: decode + grid resize + thumbnail resize only"
     )
     print(header)
     print("-" * len(header))
-    totals = np.zeros(6)
+    walls, cpus = np.zeros(8), np.zeros(8)
     for size, jpeg in zip(sizes, images, strict=True):
         rgb = Image.open(io.BytesIO(jpeg)).convert("RGB")
         pixels, ids, _ = our_sample(jpeg, tokenizer, max_num)
         n_tok = NUM_IMAGE_TOKEN * len(pixels)
-        t = median_seconds(
+        t, c = median_seconds(
             [
                 lambda rgb=rgb: load_image_tiles(rgb, max_num=max_num),
                 lambda rgb=rgb: official_pixels(rgb, transform, max_num),
@@ -284,30 +340,45 @@ def time_sizes(images: list[bytes], sizes, tokenizer, transform, max_num: int, r
                 lambda n=n_tok: preprocess_internlm([[dict(c) for c in CONVERSATION]], tokenizer, [n]),
                 lambda jpeg=jpeg: our_sample(jpeg, tokenizer, max_num),
                 lambda jpeg=jpeg: official_sample(jpeg, tokenizer, transform, max_num),
+                lambda jpeg=jpeg: uint8_sample(jpeg, tokenizer, max_num),
+                lambda jpeg=jpeg: pil_floor(jpeg, max_num),
             ],
             rounds,
         )
-        totals += t
+        walls, cpus = walls + t, cpus + c
         ms = [x * 1e3 for x in t]
         print(
             f"{size[0]:>5}x{size[1]:<4} {len(pixels):>5} {len(ids):>6} | {ms[0]:>8.1f} {ms[1]:>8.1f} "
             f"{t[1] / t[0]:>5.2f} | {ms[2]:>8.1f} {ms[3]:>8.1f} {t[3] / t[2]:>5.2f} | {ms[4]:>8.1f} {ms[5]:>8.1f} "
-            f"{t[5] / t[4]:>5.2f}"
+            f"{t[5] / t[4]:>5.2f} {c[5] / c[4]:>5.2f} | {ms[6]:>8.1f} {t[5] / t[6]:>5.2f} | {ms[7]:>9.1f}"
         )
     print("-" * len(header))
-    return totals
+    return walls, cpus
+
+
+def summarize(walls: np.ndarray, cpus: np.ndarray, count: int) -> None:
+    """Print samples/s per core and ratios (wall and CPU time) per part, the prototype and the PIL ceiling."""
+    parts = (("image tiling + transform", 0, 1), ("conversation tokenization", 2, 3), ("whole sample (JPEG)", 4, 5))
+    rows = [
+        (label, walls[a], walls[b], cpus[a], cpus[b]) for label, a, b in (*parts, ("whole, uint8 (prototype)", 6, 5))
+    ]
+    # Every bit-identical pipeline decodes and resizes twice with PIL, and ours tokenizes: the ceiling.
+    rows.append(("PIL floor + our tokens", walls[7] + walls[2], walls[5], cpus[7] + cpus[2], cpus[5]))
+    print(f"\nover the {count} sizes, one of each (samples/s per core, wall clock; ratio also in CPU time):")
+    for label, ours, off, ours_cpu, off_cpu in rows:
+        print(
+            f"  {label:<26} ours {count / ours:7.2f}   official-style {count / off:7.2f}   ratio {off / ours:5.2f}x"
+            f"   cpu {off_cpu / ours_cpu:5.2f}x"
+        )
+    print(
+        f"  PIL decode + resizes: {walls[7] / walls[4]:.0%} of our wall time, {cpus[7] / cpus[4]:.0%} of our CPU time"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--sizes",
-        nargs="+",
-        type=parse_size,
-        default=list(SIZES),
-        metavar="WxH",
-        help="image sizes (default: 12 sizes from 224x224 to 3840x2160)",
-    )
+    sizes_help = "image sizes (default: 12 sizes from 224x224 to 3840x2160)"
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=list(SIZES), metavar="WxH", help=sizes_help)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per image; the median is kept")
     parser.add_argument("--max-num", type=int, default=12, help="max_dynamic_patch (official default 12)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
@@ -321,25 +392,17 @@ def main() -> None:
     transform = build_transform(448)
     images = [make_image(size, args.seed + i) for i, size in enumerate(args.sizes)]
     check_identical(images, args.sizes, tokenizer, transform, args.max_num)
-    totals = time_sizes(images, args.sizes, tokenizer, transform, args.max_num, args.rounds)
-
-    rates = [len(images) / x for x in totals]
-    print(f"\nover the {len(images)} sizes, one of each (samples/s per core):")
-    for label, k in (("image tiling + transform", 0), ("conversation tokenization", 2), ("whole sample (JPEG)", 4)):
-        print(
-            f"  {label:<26} ours {rates[k]:7.2f}   official-style {rates[k + 1]:7.2f}   "
-            f"ratio {rates[k] / rates[k + 1]:.2f}x"
-        )
+    walls, cpus = time_sizes(images, args.sizes, tokenizer, transform, args.max_num, args.rounds)
+    summarize(walls, cpus, len(images))
     if args.profile:
         profile("ours, whole sample", lambda: [our_sample(j, tokenizer, args.max_num) for j in images], 15)
-        profile(
-            "official-style, whole sample",
-            lambda: [official_sample(j, tokenizer, transform, args.max_num) for j in images],
-            15,
-        )
+        official = [lambda j=j: official_sample(j, tokenizer, transform, args.max_num) for j in images]
+        profile("official-style, whole sample", lambda: [fn() for fn in official], 15)
     print(
-        f"RATIO data_samples_per_s_per_core ours/official = {rates[4] / rates[5]:.2f}x "
-        f"(image only {rates[0] / rates[1]:.2f}x, text only {rates[2] / rates[3]:.2f}x; target >= 2x)"
+        f"RATIO data_samples_per_s_per_core ours/official = {walls[5] / walls[4]:.2f}x "
+        f"(image only {walls[1] / walls[0]:.2f}x, text only {walls[3] / walls[2]:.2f}x; CPU time "
+        f"{cpus[5] / cpus[4]:.2f}x; ceiling with PIL {walls[5] / (walls[7] + walls[2]):.2f}x; "
+        f"uint8 prototype {walls[5] / walls[6]:.2f}x; target >= 2x)"
     )
 
 

@@ -8,7 +8,8 @@ _base_ = [
     '../_base_/models/internvl_v1_5_internlm2_26b.py',
 ]
 
-model = dict(freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.4)
+model_path = 'InternVL-Chat-V1-5'  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.4)
 optim = dict(lr=2e-05, weight_decay=0.05)
 schedule = dict(global_batch_size=128, micro_batch_size=2)
 runtime = dict(deepspeed='zero3')

@@ -8,7 +8,8 @@ _base_ = [
     '../_base_/models/internvl_v2_internlm2_26b.py',
 ]
 
-model = dict(freeze_vit=True, freeze_mlp=False, llm_lora_rank=16, lora_dropout=0.05)
+model_path = 'InternVL2-26B'  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, llm_lora_rank=16, lora_dropout=0.05)
 optim = dict(lr=2e-05, weight_decay=0.05)
 schedule = dict(global_batch_size=16, micro_batch_size=2)
 runtime = dict(deepspeed='zero3')

@@ -4,5 +4,6 @@
 # 4-bit weights cannot be sharded by ZeRO-3, so QLoRA runs on ZeRO-2 at most.
 _base_ = ['./internvl_v2_internlm2_26b_lora.py']
 
-model = dict(llm_lora_rank=128, lora_alpha=256, quantize_llm=True)
+model_path = 'InternVL2-26B'  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, llm_lora_rank=128, lora_alpha=256, quantize_llm=True)
 runtime = dict(deepspeed='zero2')

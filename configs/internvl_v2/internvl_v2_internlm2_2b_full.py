@@ -8,7 +8,8 @@ _base_ = [
     '../_base_/models/internvl_v2_internlm2_2b.py',
 ]
 
-model = dict(freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.1)
+model_path = 'InternVL2-2B'  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.1)
 optim = dict(lr=4e-05, weight_decay=0.01)
 schedule = dict(global_batch_size=128, micro_batch_size=4)
 runtime = dict(deepspeed='zero1')

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from xtuner_vl.checkpoint import CheckpointError, ShardWriter, official_name, split_delta
 from xtuner_vl.model.weights import read_state_dict, weight_files
@@ -25,6 +28,26 @@ def test_shard_writer_flushes_before_a_shard_overflows(tmp_path):
     assert writer.finish() == ["model.safetensors"]
     assert [p.name for p in weight_files(tmp_path)] == ["model.safetensors"]
     assert not list(tmp_path.glob("model-*"))  # stale shards of the earlier output removed
+
+
+def test_shard_writer_keeps_no_tensor_and_writes_what_safetensors_reads(tmp_path):
+    tensors = {"w": torch.randn(3, 5).bfloat16(), "ids": torch.arange(7), "mask": torch.tensor([True, False]),
+               "scalar": torch.tensor(3.5), "half": torch.ones(2).half(), "empty": torch.zeros(0, 4)}
+    writer = ShardWriter(tmp_path, "1GB")
+    for key, t in tensors.items():
+        writer.add(key, t)
+    probe = torch.ones(1000)
+    ref = weakref.ref(probe)
+    writer.add("probe", probe)
+    del probe
+    assert ref() is None  # its bytes went to disk at once; nothing waits in memory for the shard to fill
+    with pytest.raises(ValueError, match="already written"):
+        writer.add("w", torch.ones(1))
+    assert writer.finish() == ["model.safetensors"]
+    got = load_file(tmp_path / "model.safetensors")
+    assert got.keys() == {*tensors, "probe"}
+    assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in tensors.items())
+    assert not list(tmp_path.glob(".*"))  # no temporary data or shard file left
 
 
 def test_official_names_and_lora_pairs():

@@ -145,16 +145,72 @@ def test_tile_pixels_equal_torchvision(tmp_path, size, grid):
     assert torch.equal(load_image_tiles(path, use_thumbnail=False), expected[: grid[0] * grid[1]])
 
 
+# One-column grids (by hand): 448x1344 (1/3), 300x900 (1/3, widened), 600x1800 (1/3, narrowed; 1080000 <=
+# 1204224 keeps 1x3 over 2x6), 500x1000 (1/2; 500000 <= 802816 keeps 1x2 over 2x4), 200x2400 (1/12),
+# 450x1900 (0.237 -> 1x4). With Pillow >= 13 some of these resize height first (see _resize_for_tiles).
+ONE_COLUMN = [
+    ((448, 1344), 3),
+    ((300, 900), 3),
+    ((600, 1800), 3),
+    ((500, 1000), 2),
+    ((200, 2400), 12),
+    ((450, 1900), 4),
+]
+
+
+@pytest.mark.parametrize(("size", "rows"), ONE_COLUMN, ids=[f"{w}x{h}" for (w, h), _ in ONE_COLUMN])
+def test_one_column_grid_equals_torchvision(size, rows):
+    image = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    assert find_closest_grid(*size) == (1, rows)
+    expected = _torchvision_tiles(image, 1, rows, thumb=True)
+    assert torch.equal(load_image_tiles(image), expected)
+    tiles = dynamic_tiles(image)
+    assert torch.equal(tiles_to_tensor(tiles), expected)
+    assert tiles[-1].tobytes() == image.resize((S, S)).tobytes()  # the thumbnail, as a PIL image too
+    assert torch.equal(load_image_tiles(image, use_thumbnail=False), expected[:rows])
+
+
+# JPEG through the whole path (decode, no RGB copy, resize, tiles) vs Image.open().convert('RGB') + the
+# per-tile transform, over qualities and chroma subsamplings (4:4:4, 4:2:2, 4:2:0) and grey JPEGs.
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+def test_jpeg_path_equals_official(tmp_path, subsampling):
+    rng = np.random.default_rng(subsampling)
+    for k, (quality, size) in enumerate([(95, (1000, 600)), (75, (333, 777)), (50, (1500, 400)), (90, (64, 64))]):
+        smooth = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+            size, Image.Resampling.BILINEAR
+        )
+        noisy = np.asarray(smooth).astype(np.int16) + rng.integers(-20, 21, (size[1], size[0], 3), dtype=np.int16)
+        path = tmp_path / f"img{k}.jpg"
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=quality, subsampling=subsampling)
+        official = Image.open(path).convert("RGB")
+        loaded = load_image(path)
+        assert loaded.mode == "RGB" and loaded.tobytes() == official.tobytes()
+        assert loaded.fp is None  # decoded and the file closed, not held open by the returned image
+        assert torch.equal(load_image_tiles(path), _torchvision_tiles(official, *find_closest_grid(*size), thumb=True))
+    grey = tmp_path / "grey.jpg"
+    Image.fromarray(rng.integers(0, 256, (300, 500), dtype=np.uint8), mode="L").save(grey, quality=80)
+    official = Image.open(grey).convert("RGB")
+    assert torch.equal(load_image_tiles(grey), _torchvision_tiles(official, *find_closest_grid(500, 300), thumb=True))
+
+
 def test_tiles_to_tensor_resizes_and_converts():
-    odd = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 50), dtype=np.uint8), mode="L")
+    rng = np.random.default_rng(1)
+    odd = Image.fromarray(rng.integers(0, 256, (30, 50), dtype=np.uint8), mode="L")
+    rgba = Image.fromarray(rng.integers(0, 256, (S, S, 4), dtype=np.uint8), mode="RGBA")
+    tile = Image.fromarray(rng.integers(0, 256, (S, S, 3), dtype=np.uint8))
     transform = T.Compose(
         [
+            T.Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
             T.Resize((S, S), interpolation=InterpolationMode.BICUBIC),
             T.ToTensor(),
             T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
         ]
     )
-    assert torch.equal(tiles_to_tensor([odd]), transform(odd.convert("RGB"))[None])
+    tiles = [odd, tile, rgba]
+    assert torch.equal(tiles_to_tensor(tiles), torch.stack([transform(t) for t in tiles]))
+    mean, std = (0.5, 0.25, 0.125), (0.3, 0.2, 0.1)
+    expected = T.Normalize(mean, std)(T.ToTensor()(tile))[None]
+    assert torch.equal(tiles_to_tensor([tile], mean=mean, std=std), expected)
 
 
 def test_image_tile_budget():

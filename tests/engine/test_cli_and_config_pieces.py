@@ -10,6 +10,7 @@ from xtuner_vl.cli.launch import needs_torchrun, torchrun_command
 from xtuner_vl.cli.main import main
 from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
 from xtuner_vl.engine.schedule import lr_at, warmup_steps_for
+from xtuner_vl.recipes.config import load_config
 
 
 def test_list_and_copy_cfg(capsys, tmp_path):
@@ -17,8 +18,14 @@ def test_list_and_copy_cfg(capsys, tmp_path):
     names = capsys.readouterr().out.split()
     assert names == ["internvl_v2_internlm2_5_8b_full", "internvl_v2_internlm2_5_8b_lora",
                      "internvl_v2_internlm2_5_8b_qlora"]
-    assert main(["copy-cfg", "internvl_v2_qwen2_1b_lora", str(tmp_path)]) == 0
-    assert (tmp_path / "internvl_v2_qwen2_1b_lora.py").is_file()
+    for name in ("internvl_v2_qwen2_1b_lora", "internvl_v2_qwen2_1b_qlora"):
+        assert main(["copy-cfg", name, str(tmp_path / "mine")]) == 0
+        copy = tmp_path / "mine" / f"{name}.py"
+        assert "'../" not in copy.read_text() and "'./" not in copy.read_text()  # _base_ made absolute
+        assert load_config(str(copy)).to_dict() == load_config(name).to_dict()  # loads from anywhere
+        # The leaf's own model_path drives model.path (the first thing a user edits).
+        copy.write_text(copy.read_text().replace("model_path = 'InternVL2-1B'", "model_path = '/data/my-1b'"))
+        assert load_config(str(copy)).model.path == "/data/my-1b"
 
 
 def test_torchrun_relaunch_rules():

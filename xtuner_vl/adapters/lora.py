@@ -7,6 +7,8 @@ on ``language_model`` / ``vision_model``), so adapter keys match an official che
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -39,7 +41,11 @@ def apply_lora(
             target_modules=targets,
             task_type="CAUSAL_LM",
         )
-        model.language_model = get_peft_model(model.language_model, cfg)
+        with warnings.catch_warnings():
+            # peft reads transformers' `is_gradient_checkpointing`, renamed in transformers 5 (a
+            # FutureWarning per process that says nothing to our users); only that warning is hidden.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model.language_model = get_peft_model(model.language_model, cfg)
         # Inputs are embeddings we build; make them require grad so checkpointed layers backpropagate.
         model.language_model.enable_input_require_grads()
     if vit_rank:

@@ -76,9 +76,13 @@ def export_official(
     shapes = base_shapes(base)
     writer = ShardWriter(out, max_shard_size)
     seen = set()
-    for key, tensor in tqdm(iter_base_tensors(base), total=len(shapes), desc="convert", disable=not progress):
-        writer.add(key, _converted(key, tensor, delta, dtype))
-        seen.add(key)
+    with tqdm(total=len(shapes), desc="convert", disable=not progress) as bar:
+        for key, tensor in iter_base_tensors(base):
+            writer.add(key, _converted(key, tensor, delta, dtype))
+            seen.add(key)
+            # Free it now: the loop (or a tqdm wrapping the iterator) would hold it while the next one is read.
+            del tensor
+            bar.update()
     unused = delta.touched() - seen
     if unused:
         raise CheckpointError(f"{sorted(unused)[:5]} of the checkpoint were not found in {base}")

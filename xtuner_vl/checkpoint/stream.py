@@ -1,19 +1,21 @@
 """Shard-by-shard weight I/O: read a base directory's tensor shapes, write safetensors shards as they fill.
 
-Peak memory of a streamed conversion is one output shard (``max_shard_size``) plus the tensor being
-converted; the base is read one tensor at a time (safetensors) and never held whole.
+Peak memory of a streamed conversion is the tensor being converted: the base is read one tensor at a
+time and output bytes go to disk as soon as each tensor is converted; no shard is held in memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from xtuner_vl.model.weights import atomic_write_text, iter_tensors, parse_size, weight_files
 
@@ -36,43 +38,112 @@ def base_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def iter_base_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` over every weight file of ``model_dir``, one tensor at a time, in file order."""
+    """``(key, tensor)`` over every weight file of ``model_dir``, one tensor at a time, in file order.
+
+    Safetensors tensors are read with ``pread`` into their own memory where the installed safetensors
+    supports it (``backend="pread"``, e.g. 0.8): a memory-mapped tensor keeps its shard mapped, and the
+    pages read resident, while it lives.
+    """
     for file in weight_files(model_dir):
-        yield from iter_tensors(file)
+        if file.suffix != ".safetensors":
+            yield from iter_tensors(file)
+            continue
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu", backend="pread")
+        except TypeError:  # a safetensors without the backend option: memory-mapped only
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        with handle as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+# safetensors dtype names and item sizes of the dtypes a checkpoint holds.
+_SAFETENSORS_DTYPES = {
+    torch.float64: ("F64", 8),
+    torch.float32: ("F32", 4),
+    torch.float16: ("F16", 2),
+    torch.bfloat16: ("BF16", 2),
+    torch.int64: ("I64", 8),
+    torch.int32: ("I32", 4),
+    torch.int16: ("I16", 2),
+    torch.int8: ("I8", 1),
+    torch.uint8: ("U8", 1),
+    torch.bool: ("BOOL", 1),
+}
+_COPY_CHUNK = 64 << 20
 
 
 class ShardWriter:
-    """Collects tensors and writes a safetensors shard each time ``max_shard_size`` would be exceeded.
+    """Writes tensors into safetensors shards of at most ``max_shard_size`` bytes, holding none of them.
 
+    Each tensor's bytes go to the current shard's temporary data file as soon as it is added, so the
+    caller's tensor (and any file mapping behind it) can be freed at once. When the shard is full (or at
+    :meth:`finish`) the shard file is assembled from the header and the data copied in chunks, in the
+    order ``safetensors.save_file`` uses (larger item size first, then by name: every tensor stays aligned).
     Shards go to temporary names; :meth:`finish` renames them to ``model.safetensors`` or
     ``model-0000k-of-0000n.safetensors`` and writes the index, so a crash never leaves a final name
     on a partial output.
     """
 
     def __init__(self, out_dir: str | Path, max_shard_size: int | str = "5GB") -> None:
+        if sys.byteorder != "little":
+            raise RuntimeError("ShardWriter writes raw tensor bytes and needs a little-endian machine")
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.limit = parse_size(max_shard_size)
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, tuple[str, list[int], int, int]] = {}  # key -> dtype, shape, data file range
         self._pending_bytes = 0
+        self._data: BinaryIO | None = None
         self._written: list[tuple[Path, list[str]]] = []
+        self._keys: set[str] = set()
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` under ``key``; flushes the current shard first when it would overflow."""
+        """Write ``tensor`` under ``key``; flushes the current shard first when it would overflow."""
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{key}: dtype {tensor.dtype} cannot be written to safetensors here")
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.limit:
             self._flush()
-        self._pending[key] = tensor.contiguous()
+        if key in self._keys:
+            raise ValueError(f"{key} was already written")
+        self._keys.add(key)
+        if self._data is None:
+            self._data = open(self._part_path(".data.tmp"), "w+b")  # closed in _flush
+        self._data.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        dtype = _SAFETENSORS_DTYPES[tensor.dtype][0]
+        self._pending[key] = (dtype, list(tensor.shape), self._pending_bytes, self._pending_bytes + size)
         self._pending_bytes += size
         self.total_bytes += size
 
+    def _part_path(self, suffix: str) -> Path:
+        return self.out / f".model-part-{len(self._written) + 1:05d}{suffix}"
+
     def _flush(self) -> None:
-        tmp = self.out / f".model-part-{len(self._written) + 1:05d}.safetensors.tmp"
-        save_file(self._pending, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; releases are world-readable
-        self._written.append((tmp, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        item_size = {name: size for name, size in _SAFETENSORS_DTYPES.values()}
+        order = sorted(self._pending, key=lambda k: (-item_size[self._pending[k][0]], k))
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key in order:
+            dtype, shape, begin, end = self._pending[key]
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + end - begin]}
+            offset += end - begin
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        tmp = self._part_path(".safetensors.tmp")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            if self._data is not None:
+                self._data.flush()
+                buf = bytearray(_COPY_CHUNK)
+                for key in order:
+                    _copy_range(self._data, f, self._pending[key][2], self._pending[key][3], buf)
+        if self._data is not None:
+            self._data.close()
+            os.unlink(self._data.name)
+        os.chmod(tmp, 0o644)  # releases are world-readable
+        self._written.append((tmp, order))
+        self._pending, self._pending_bytes, self._data = {}, 0, None
 
     def finish(self) -> list[str]:
         """Write the last shard, give every shard its final name, write the index; returns the names."""
@@ -92,3 +163,15 @@ class ShardWriter:
             atomic_write_text(self.out / _INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
             names.append(_INDEX)
         return names
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, begin: int, end: int, buf: bytearray) -> None:
+    """Append bytes ``begin:end`` of ``src`` to ``dst`` through ``buf``."""
+    src.seek(begin)
+    view = memoryview(buf)
+    while begin < end:
+        n = src.readinto(view[: min(len(buf), end - begin)])
+        if not n:
+            raise OSError(f"{src.name}: unexpected end of file at byte {begin}")
+        dst.write(view[:n])
+        begin += n

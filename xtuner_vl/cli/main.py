@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -66,13 +64,26 @@ def _list_cfg(args: argparse.Namespace) -> int:
 
 
 def _copy_cfg(args: argparse.Namespace) -> int:
-    from xtuner_vl.recipes.config import find_config
+    from xtuner_vl.recipes.config import copy_config
 
-    src = find_config(args.name)
-    dst = Path(args.dir) / src.name
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dst)
-    print(f"copied {src} to {dst}; edit it, then `xtuner-vl train {dst}` (its _base_ parts resolve from configs/)")
+    dst = copy_config(args.name, args.dir)
+    print(f"copied {args.name} to {dst} (its _base_ paths made absolute); edit it, then `xtuner-vl train {dst}`")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from xtuner_vl.recipes.estimate import estimate
+    from xtuner_vl.recipes.estimate_report import estimate_to_dict, format_estimate
+
+    try:
+        e = estimate(args.config, args.gpus, args.deepspeed, args.micro_batch_size, args.cfg_options,
+                     args.trained_tokens)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"xtuner-vl estimate: error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(estimate_to_dict(e), indent=2) if args.json else format_estimate(e))
     return 0
 
 
@@ -112,7 +123,12 @@ def _convert(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from xtuner_vl.recipes.chat import chat
 
-    chat(args.model_dir, args.image, args.video, args.prompt, args.max_new_tokens, args.num_frames)
+    try:
+        chat(args.model_dir, args.image, args.video, args.prompt, args.max_new_tokens, args.num_frames,
+             prompt_log=args.prompt_log)
+    except ValueError as e:  # unreadable image / video, <image> placeholders that do not match the inputs
+        print(f"xtuner-vl chat: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -157,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=_copy_cfg)
 
+    p = sub.add_parser("estimate", help="parameter counts and per-GPU memory of a config (no weights read)")
+    p.add_argument("config")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
+    p.add_argument(
+        "--deepspeed", default=None, help="mark this backend: zero1|zero2|zero3|zero2_offload|zero3_offload|file.json"
+    )
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: the config's schedule.micro_batch_size")
+    p.add_argument(
+        "--trained-tokens",
+        type=int,
+        default=None,
+        help="trained positions per row (default: max_length minus one full-tile image)",
+    )
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key=value overrides")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.set_defaults(func=_estimate)
+
     p = sub.add_parser("convert", help="training checkpoint -> merged official / hf model or peft adapters")
     # Optional positionals so that `convert --from-hf HF_DIR OUT` parses; _convert checks the count.
     p.add_argument("config", nargs="?", help="the run's config (the copy in its work dir, or a shipped name)")
@@ -178,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     p.add_argument("--video", default=None, help="a video file or a folder of frames")
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video")
-    p.add_argument("--prompt", default=None, help="one question, answer, exit (default: interactive)")
+    p.add_argument("--prompt", default=None, help="one question, answer, exit (default: interactive; "
+                   "exit/quit/EOF end, /reset clears the history)")
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--prompt-log", default=None, help="append each turn's prompt, token ids and answer (JSON lines)")
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official InternVL format")
@@ -189,9 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ps-version", choices=["v1", "v2"], default=None, help="override the family's ps_version")
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("demo", help="end-to-end run on a built-in tiny model, on CPU")
+    p = sub.add_parser(
+        "demo", help="tiny InternVL2 + synthetic data: check-data, LoRA on ZeRO-2, convert, held-out accuracy"
+    )
     p.add_argument("--work-dir", default="work_dirs/demo")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=700, help="optimizer steps of 4 fresh samples each")
     p.set_defaults(func=_demo)
     return parser
 

@@ -31,6 +31,7 @@ class PackedItem:
 
     rows: list[Sample]
     skipped: list[SkippedSample]
+    overflow_rows: int = 0  # rows beyond the planned one: the real lengths overflowed the estimates
 
 
 @dataclass
@@ -40,6 +41,7 @@ class CollatedBatch:
     batch: Batch | None
     skipped: list[SkippedSample] = field(default_factory=list)
     num_samples: int = 0
+    overflow_rows: int = 0  # packed rows beyond the plan (see PackedItem)
 
 
 def _tiles(rows: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,17 +69,18 @@ def collate_samples(items: list[Sample | SkippedSample | PackedItem], pad_token_
     ``PackedItem`` rows become batch rows with ``position_ids`` (restarting per sample), which makes the
     model attend within each packed sample only.
     """
-    rows, skipped = [], []
+    rows, skipped, overflow = [], [], 0
     for item in items:
         if isinstance(item, PackedItem):
             rows += item.rows
             skipped += item.skipped
+            overflow += item.overflow_rows
         elif isinstance(item, SkippedSample):
             skipped.append(item)
         else:
             rows.append(item)
     if not rows:
-        return CollatedBatch(None, skipped, 0)
+        return CollatedBatch(None, skipped, 0, overflow)
     length = max(r.num_tokens for r in rows)
     ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -89,4 +92,4 @@ def collate_samples(items: list[Sample | SkippedSample | PackedItem], pad_token_
     pixels, flags = _tiles(rows)
     batch = Batch(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=pixels, image_flags=flags,
                   position_ids=_padded_positions(rows, length) if packed else None)
-    return CollatedBatch(batch, skipped, sum(r.num_packed for r in rows))
+    return CollatedBatch(batch, skipped, sum(r.num_packed for r in rows), overflow)

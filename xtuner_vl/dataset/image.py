@@ -3,9 +3,9 @@
 The official pipeline (``internvl_chat/internvl/train/dataset.py``) is
 ``Image.open(path).convert('RGB')`` -> ``dynamic_preprocess`` -> per tile
 ``Resize((s, s), BICUBIC) -> ToTensor -> Normalize(ImageNet)``. This module reproduces its output bit for
-bit (checked with ``torch.equal`` against the official functions) while doing the float work once per
-image instead of once per tile: tiles are uint8 views of one resized image, converted and normalised
-together with exactly torchvision's float32 operations.
+bit (checked with ``torch.equal`` against the official functions) with less work: no tile is cropped or
+copied as a PIL image; tiles are uint8 views of the resized image's colour planes, converted and
+normalised straight into the output with exactly torchvision's float32 operations.
 
 Where the official loader is unsafe we are stricter, never different on good images:
 
@@ -44,6 +44,7 @@ __all__ = [
     "image_tile_budget",
     "load_image",
     "load_image_tiles",
+    "tile_count",
     "tiles_to_tensor",
 ]
 
@@ -127,7 +128,8 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
             with Image.open(source) as img:
                 _check_pixels(img.size, max_pixels, name)
                 img.load()  # decode now so that truncated data raises here
-                return _to_rgb(img)
+                # Freshly decoded RGB is already what convert('RGB') would return, as a copy: skip the copy.
+                return img if img.mode == "RGB" else _to_rgb(img)
     except (ImageError, MemoryError):
         raise
     except Image.DecompressionBombError as e:
@@ -190,12 +192,19 @@ def tile_count(width: int, height: int, min_num: int, max_num: int, image_size: 
     return cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
 
 
-def _grid_and_resized(
-    image: Image.Image, min_num: int, max_num: int, image_size: int
-) -> tuple[tuple[int, int], Image.Image]:
-    cols, rows = find_closest_grid(image.width, image.height, min_num, max_num, image_size)
-    # The official calls resize() without a filter: PIL's default, BICUBIC for RGB images.
-    return (cols, rows), image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+def _resize_for_tiles(
+    image: Image.Image, cols: int, rows: int, image_size: int, use_thumbnail: bool
+) -> tuple[Image.Image, Image.Image | None]:
+    """The image resized to the grid and, when the grid has several tiles and thumbnails are on, to one tile.
+
+    Both from the full image, as the official (PIL's default filter for RGB, BICUBIC). Sharing work
+    between the two is not bit-safe: each resize is two uint8 passes whose order Pillow picks per call
+    (horizontal first up to Pillow 12; from 13, vertical first when the height shrinks more than twice
+    as much as the width), so a pass of one is not a pass of the other.
+    """
+    s, bicubic = image_size, Image.Resampling.BICUBIC
+    resized = image.resize((s * cols, s * rows), bicubic)
+    return resized, image.resize((s, s), bicubic) if use_thumbnail and cols * rows != 1 else None
 
 
 def dynamic_tiles(
@@ -213,24 +222,38 @@ def dynamic_tiles(
     Returns:
         ``image_size`` x ``image_size`` tiles, row by row, then the thumbnail if any.
     """
-    (cols, rows), resized = _grid_and_resized(image, min_num, max_num, image_size)
+    cols, rows = find_closest_grid(image.width, image.height, min_num, max_num, image_size)
+    resized, thumbnail = _resize_for_tiles(image, cols, rows, image_size, use_thumbnail)
     s = image_size
     tiles = [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(rows) for c in range(cols)]
-    if use_thumbnail and len(tiles) != 1:
-        tiles.append(image.resize((s, s), Image.Resampling.BICUBIC))
-    return tiles
+    return tiles if thumbnail is None else [*tiles, thumbnail]
 
 
-def _normalize_uint8(chw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [T, 3, H, W] (any strides) -> float32, with torchvision's ``ToTensor`` + ``Normalize`` ops.
+def _rgb_planes(image: Image.Image) -> list[np.ndarray]:
+    """The R, G and B planes of an RGB image, uint8 [height, width] each (one copy out of PIL per plane)."""
+    return [
+        np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(image.height, image.width) for band in "RGB"
+    ]
 
-    Elementwise float32 ops give the same floats whether applied per tile or to the whole stack, so
-    this is bit-identical to the per-tile transform while running one vectorised pass per op.
+
+def _normalize_into(out: torch.Tensor, planes: Sequence[np.ndarray], mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Fill ``out`` [3, H, W] from uint8 planes with torchvision's float32 ops, in their order.
+
+    ``ToTensor`` is ``x.float().div(255)`` and ``Normalize`` is ``x.sub_(mean).div_(std)``: the same
+    elementwise float32 operations here, in place on one tile (which stays in cache), give the same bits.
     """
-    x = torch.from_numpy(np.ascontiguousarray(chw)).to(torch.float32).div_(255)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub_(mean_t).div_(std_t)
+    view = out.numpy()
+    for channel, plane in enumerate(planes):
+        view[channel] = plane  # uint8 -> float32, exact
+    out.div_(255).sub_(mean).div_(std)
+
+
+def _channel_tensors(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    # As torchvision's Normalize: float32 tensors viewed as [C, 1, 1].
+    return (
+        torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1),
+        torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1),
+    )
 
 
 def tiles_to_tensor(
@@ -241,8 +264,8 @@ def tiles_to_tensor(
 ) -> torch.Tensor:
     """Stack tiles as the official ``build_transform(is_train=False)`` applied to each.
 
-    That transform is: convert to RGB if needed, ``Resize((image_size, image_size), BICUBIC)`` (a copy
-    for tiles already of that size), ``ToTensor``, ``Normalize(mean, std)``.
+    That transform is: convert to RGB if needed, ``Resize((image_size, image_size), BICUBIC)`` (which
+    returns tiles already of that size unchanged), ``ToTensor``, ``Normalize(mean, std)``.
 
     Returns:
         float32 tensor [len(tiles), 3, image_size, image_size].
@@ -250,14 +273,15 @@ def tiles_to_tensor(
     if not tiles:
         raise ValueError("tiles_to_tensor needs at least one tile")
     s = image_size
-    arrays = []
-    for tile in tiles:
+    mean_t, std_t = _channel_tensors(mean, std)
+    out = torch.empty((len(tiles), 3, s, s), dtype=torch.float32)
+    for k, tile in enumerate(tiles):
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
         if tile.size != (s, s):
             tile = tile.resize((s, s), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(tile))
-    return _normalize_uint8(np.stack(arrays).transpose(0, 3, 1, 2), mean, std)
+        _normalize_into(out[k], _rgb_planes(tile), mean_t, std_t)
+    return out
 
 
 def load_image_tiles(
@@ -270,8 +294,9 @@ def load_image_tiles(
 ) -> torch.Tensor:
     """Tile and normalise one image: ``tiles_to_tensor(dynamic_tiles(image, ...))``, but faster.
 
-    The grid tiles are read as uint8 views of the one resized image (no per-tile crop or copy) and
-    normalised together. Identical to the official ``dynamic_preprocess`` + per-tile
+    No tile is cropped as a PIL image: the resized image is read out of PIL once per colour plane, and
+    each tile is converted and normalised from views of those planes straight into the output (see
+    :func:`_normalize_into`). Identical to the official ``dynamic_preprocess`` + per-tile
     ``build_transform(is_train=False)`` output.
 
     Args:
@@ -288,15 +313,19 @@ def load_image_tiles(
     if not (isinstance(image, Image.Image) and image.mode == "RGB"):
         image = load_image(image, max_pixels)
     s = image_size
-    (cols, rows), resized = _grid_and_resized(image, min_num, max_num, s)
-    n = rows * cols
-    thumb = use_thumbnail and n != 1
-    out = np.empty((n + thumb, 3, s, s), dtype=np.uint8)
-    # [rows*s, cols*s, 3] -> [rows, cols, 3, s, s]: tile (r, c) is the row-major crop at (c*s, r*s).
-    out[:n] = np.asarray(resized).reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3).reshape(n, 3, s, s)
-    if thumb:
-        out[n] = np.asarray(image.resize((s, s), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-    return _normalize_uint8(out, IMAGENET_MEAN, IMAGENET_STD)
+    cols, rows = find_closest_grid(image.width, image.height, min_num, max_num, s)
+    resized, thumbnail = _resize_for_tiles(image, cols, rows, s, use_thumbnail)
+    n = cols * rows
+    mean_t, std_t = _channel_tensors(IMAGENET_MEAN, IMAGENET_STD)
+    out = torch.empty((n + (thumbnail is not None), 3, s, s), dtype=torch.float32)
+    # Plane [rows*s, cols*s] -> [rows, s, cols, s]: tile (r, c), row-major, is [r, :, c, :].
+    planes = [plane.reshape(rows, s, cols, s) for plane in _rgb_planes(resized)]
+    for k in range(n):
+        r, c = divmod(k, cols)
+        _normalize_into(out[k], [plane[r, :, c] for plane in planes], mean_t, std_t)
+    if thumbnail is not None:
+        _normalize_into(out[n], _rgb_planes(thumbnail), mean_t, std_t)
+    return out
 
 
 def image_tile_budget(max_dynamic_patch: int, num_images: int) -> int:

@@ -1,13 +1,24 @@
-"""Sequence packing: several samples per row up to ``max_length`` tokens and a tile budget.
+"""Sequence packing: several samples per row of ``pack_length`` tokens and ``max_tiles`` tiles.
 
-Packs are planned once from the length estimates (:meth:`InternVLDataset.length_stats`), greedily in a
-seeded order; a pack is built in the worker from its real samples, and if the real lengths overflow a
-row, the pack simply yields one more row (nothing is cut or dropped). Each row carries position ids
-restarting at 0 for every sample; the model turns them into block-diagonal attention (SDPA mask or
-flash-attention varlen), so packed and unpacked training see exactly the same tokens.
+Rows are planned once per run from the length estimates (:meth:`InternVLDataset.length_stats`): the
+dataset indices are shuffled with the seed, cut into windows of ``window`` samples, and each window is
+packed best-fit decreasing (longest sample first, into the open row it leaves the least room in). The
+plan, hence the packed dataset's index -> samples mapping, is a pure function of the seed and the
+estimates; the sampler shuffles the rows every epoch and resumes by position, so resuming mid-epoch
+yields exactly the rows that were still due. Every sample of the dataset is in exactly one row.
+
+A row is built in the worker from its real samples. Estimates can be short (text tokens are guessed
+from bytes, image tiles too when a record has no ``width``/``height``), so the plan leaves ``headroom``
+of every row free; a row whose real samples still do not fit yields one more row (nothing is cut or
+dropped), counted in :attr:`PackedItem.overflow_rows`. Each row carries position ids restarting at 0
+for every sample; the model turns them into block-diagonal attention (SDPA mask or flash-attention
+varlen), so packed and unpacked training see exactly the same tokens.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,22 +27,74 @@ from torch.utils.data import Dataset
 from xtuner_vl.dataset.collate import PackedItem, SkippedSample
 from xtuner_vl.structures import Sample
 
-__all__ = ["plan_packs", "PackedDataset", "pack_rows"]
+__all__ = ["plan_packs", "best_fit_decreasing", "PackedDataset", "PackPlanStats", "pack_rows"]
 
 
-def plan_packs(lengths: np.ndarray, tiles: np.ndarray, max_length: int, max_tiles: int, seed: int) -> list[list[int]]:
-    """Greedy packs of dataset indices (seeded order) whose estimated tokens and tiles fit a row."""
-    order = np.random.default_rng(seed).permutation(len(lengths))
-    packs, current, tokens, n_tiles = [], [], 0, 0
-    for i in order.tolist():
-        length, t = int(min(lengths[i], max_length)), int(min(tiles[i], max_tiles))
-        if current and (tokens + length > max_length or n_tiles + t > max_tiles):
-            packs.append(current)
-            current, tokens, n_tiles = [], 0, 0
-        current.append(i)
-        tokens, n_tiles = tokens + length, n_tiles + t
-    if current:
-        packs.append(current)
+def best_fit_decreasing(
+    indices: list[int], lengths: np.ndarray, tiles: np.ndarray, capacity: int, max_tiles: int
+) -> list[list[int]]:
+    """Pack ``indices`` longest first, each into the open row with the least token room that still
+    holds it (tokens and tiles); a new row when none does. Returns the rows, fullest first.
+
+    ``lengths`` and ``tiles`` are per dataset index; an item over a budget gets a row of its own.
+    """
+    order = sorted(indices, key=lambda i: -int(lengths[i]))  # stable: ties keep the shuffled order
+    free: list[int] = []  # token room of each open row, ascending
+    room: list[int] = []  # tile room, same order
+    rows: list[list[int]] = []
+    for i in order:
+        need, n_tiles = int(lengths[i]), int(tiles[i])
+        j = bisect_left(free, need)
+        while j < len(free) and room[j] < n_tiles:  # the tile budget rarely binds: a short scan
+            j += 1
+        if j < len(free):
+            left, tiles_left, row = free.pop(j), room.pop(j), rows.pop(j)
+        else:
+            left, tiles_left, row = capacity, max_tiles, []
+        row.append(i)
+        left, tiles_left = left - need, tiles_left - n_tiles
+        k = bisect_left(free, left)
+        free.insert(k, left)
+        room.insert(k, tiles_left)
+        rows.insert(k, row)
+    return rows
+
+
+def plan_packs(
+    lengths: np.ndarray,
+    tiles: np.ndarray,
+    pack_length: int,
+    max_tiles: int,
+    seed: int,
+    window: int | None = None,
+    headroom: float = 0.0,
+) -> list[list[int]]:
+    """Rows of dataset indices: seeded shuffle, then best-fit decreasing per window of ``window`` samples.
+
+    Args:
+        lengths: estimated tokens per dataset index.
+        tiles: estimated tiles per dataset index (0 for text-only samples).
+        pack_length: tokens per row.
+        max_tiles: tiles per row.
+        seed: seed of the shuffle; the plan is a pure function of the arguments.
+        window: samples packed together (None: all of them, one window).
+        headroom: fraction of ``pack_length`` left free for estimates below the real length.
+
+    Returns:
+        The rows (lists of dataset indices); every index is in exactly one.
+    """
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    capacity = max(1, int(pack_length * (1.0 - headroom)))
+    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), capacity)
+    tiles = np.minimum(np.asarray(tiles, dtype=np.int64), max_tiles)
+    order = np.random.default_rng(seed).permutation(len(lengths)).tolist()
+    step = window or max(1, len(order))
+    packs: list[list[int]] = []
+    for start in range(0, len(order), step):
+        packs += best_fit_decreasing(order[start : start + step], lengths, tiles, capacity, max_tiles)
     return packs
 
 
@@ -48,13 +111,19 @@ def _concat(samples: list[Sample]) -> Sample:
     )
 
 
-def pack_rows(samples: list[Sample], max_length: int, max_tiles: int) -> list[Sample]:
-    """Concatenate ``samples`` in order into rows of at most ``max_length`` tokens and ``max_tiles`` tiles
-    (a row always takes at least one sample)."""
+def _real_tiles(sample: Sample) -> int:
+    # Dummy tiles of text-only samples never reach the ViT when the batch has real tiles (collate keeps
+    # at most one), so only real tiles count against a row's tile budget.
+    return int((sample.image_flags == 1).sum())
+
+
+def pack_rows(samples: list[Sample], pack_length: int, max_tiles: int) -> list[Sample]:
+    """Concatenate ``samples`` in order into rows of at most ``pack_length`` tokens and ``max_tiles`` real
+    tiles (a row always takes at least one sample)."""
     rows, current, tokens, tiles = [], [], 0, 0
     for s in samples:
-        n_tiles = len(s.pixel_values)
-        if current and (tokens + s.num_tokens > max_length or tiles + n_tiles > max_tiles):
+        n_tiles = _real_tiles(s)
+        if current and (tokens + s.num_tokens > pack_length or tiles + n_tiles > max_tiles):
             rows.append(_concat(current))
             current, tokens, tiles = [], 0, 0
         current.append(s)
@@ -64,19 +133,59 @@ def pack_rows(samples: list[Sample], max_length: int, max_tiles: int) -> list[Sa
     return rows
 
 
+@dataclass(frozen=True)
+class PackPlanStats:
+    """How the plan fills rows, from the length estimates (real lengths are known only per row built)."""
+
+    rows: int
+    samples: int
+    samples_per_row: float
+    fill: float  # mean estimated tokens per row / pack_length
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rows} rows for {self.samples} samples ({self.samples_per_row:.1f} per row, "
+            f"estimated fill {self.fill:.1%})"
+        )
+
+
 class PackedDataset(Dataset):
-    """Index ``p`` -> :class:`PackedItem` of pack ``p`` (rows of packed samples + skipped ones)."""
+    """Index ``p`` -> :class:`PackedItem` of planned row ``p`` (one row, more if the estimates were short).
 
-    def __init__(self, dataset, max_tiles: int = 64, seed: int = 0) -> None:
-        self.dataset, self.max_tiles = dataset, max_tiles
-        self.max_length = dataset.max_length
-        lengths, _ = dataset.length_stats()
-        tiles = np.asarray(self._tile_estimates(lengths))
-        self.packs = plan_packs(lengths, tiles, self.max_length, max_tiles, seed)
+    Args:
+        dataset: the sample dataset (``length_stats()``, ``max_length``, ``num_image_token``, indexing).
+        pack_length: tokens per row (None: the dataset's ``max_length``); at least ``max_length``.
+        max_tiles: real tiles per row (None: ``pack_length // num_image_token``, as many as its tokens hold).
+        seed: seed of the plan.
+        window: samples per best-fit window (None: the whole dataset).
+        headroom: fraction of each row the plan leaves free for short estimates.
+    """
 
-    def _tile_estimates(self, lengths: np.ndarray) -> list[int]:
-        # Image tokens dominate multimodal lengths: tiles ~ length / tokens-per-tile, at least the dummy tile.
-        return [max(1, int(n) // self.dataset.num_image_token) for n in lengths]
+    def __init__(
+        self,
+        dataset,
+        pack_length: int | None = None,
+        max_tiles: int | None = None,
+        seed: int = 0,
+        window: int | None = None,
+        headroom: float = 0.0,
+    ) -> None:
+        self.dataset = dataset
+        self.pack_length = pack_length or dataset.max_length
+        if self.pack_length < dataset.max_length:
+            raise ValueError(
+                f"dataloader.pack_length={self.pack_length} is below train_dataset.max_length={dataset.max_length}: "
+                f"a sample could not fit a packed row; raise pack_length (or lower max_length)"
+            )
+        if max_tiles is not None and max_tiles < 1:
+            raise ValueError(f"dataloader.pack_max_tiles must be >= 1 or None, got {max_tiles}")
+        self.max_tiles = max_tiles or max(1, self.pack_length // dataset.num_image_token)
+        lengths, multimodal = dataset.length_stats()
+        self.lengths = np.minimum(np.asarray(lengths, dtype=np.int64), dataset.max_length)
+        # Image tokens dominate multimodal lengths: tiles ~ length / tokens-per-tile; text-only samples have
+        # only a dummy tile, which does not count against the budget (see pack_rows).
+        self.tiles = np.where(np.asarray(multimodal, dtype=bool), self.lengths // dataset.num_image_token, 0)
+        self.packs = plan_packs(self.lengths, self.tiles, self.pack_length, self.max_tiles, seed, window, headroom)
 
     def __len__(self) -> int:
         return len(self.packs)
@@ -85,9 +194,13 @@ class PackedDataset(Dataset):
         items = [self.dataset[i] for i in self.packs[p]]
         samples = [s for s in items if isinstance(s, Sample)]
         skipped = [s for s in items if isinstance(s, SkippedSample)]
-        return PackedItem(pack_rows(samples, self.max_length, self.max_tiles), skipped)
+        rows = pack_rows(samples, self.pack_length, self.max_tiles)
+        return PackedItem(rows, skipped, overflow_rows=max(0, len(rows) - 1))
 
-    def tokens_per_row(self) -> float:
-        """Mean estimated tokens per planned row (how full packing makes the rows)."""
-        lengths, _ = self.dataset.length_stats()
-        return float(np.mean([min(self.max_length, sum(int(lengths[i]) for i in p)) for p in self.packs]))
+    def stats(self) -> PackPlanStats:
+        """Rows, samples per row and estimated fill of the plan."""
+        per_row = np.array([int(self.lengths[p].sum()) for p in self.packs], dtype=np.float64)
+        n = len(self.lengths)
+        return PackPlanStats(
+            len(self.packs), n, n / max(1, len(self.packs)), float(per_row.mean() / self.pack_length) if n else 0.0
+        )

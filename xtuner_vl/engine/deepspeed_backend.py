@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def import_deepspeed(device: torch.device):
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     import deepspeed
 
+    # ZeRO's all-gather calls torch's deprecated `all_gather_into_tensor` once per step, and torch 2.14
+    # warns on every call (a screen of FutureWarnings per training run); only that warning is hidden.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return deepspeed
 
 

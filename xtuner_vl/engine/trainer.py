@@ -79,6 +79,7 @@ class _Progress:
     consumed: int = 0  # samples of this epoch this rank has trained on (resumes the sampler)
     seen: int = 0  # samples seen, all ranks, whole run
     skipped: int = 0  # samples skipped, all ranks, whole run
+    overflow_rows: int = 0  # packed rows beyond the plan (estimates short), all ranks, whole run
 
 
 class Trainer:
@@ -116,6 +117,7 @@ class Trainer:
             "consumed": p.consumed,
             "seen": p.seen,
             "skipped": p.skipped,
+            "overflow_rows": p.overflow_rows,
             "rng": rng_state(),
             "sampler": self.sampler.state_dict(p.consumed),
         }
@@ -133,7 +135,8 @@ class Trainer:
     def resume(self, path: Path) -> None:
         self.backend.load(path)
         state = torch.load(path / f"trainer_state_rank{self.dist.rank}.pt", weights_only=False)
-        self.progress = _Progress(state["step"], state["epoch"], state["consumed"], state["seen"], state["skipped"])
+        keys = ("step", "epoch", "consumed", "seen", "skipped")
+        self.progress = _Progress(*(state[k] for k in keys), state.get("overflow_rows", 0))
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
 
@@ -196,11 +199,17 @@ class Trainer:
         local = [s for cb in micro for s in cb.skipped]
         counts = all_reduce_sum(
             torch.tensor(
-                [float(sum(cb.num_samples for cb in micro) + len(local)), float(len(local))], device=self.dist.device
+                [
+                    float(sum(cb.num_samples for cb in micro) + len(local)),
+                    float(len(local)),
+                    float(sum(cb.overflow_rows for cb in micro)),
+                ],
+                device=self.dist.device,
             )
         )
         self.progress.seen += int(counts[0])
         self.progress.skipped += int(counts[1])
+        self.progress.overflow_rows += int(counts[2])
         reasons: list[list[SkippedSample]] = [local]
         if dist.is_initialized():
             reasons = [None] * self.dist.world_size  # type: ignore[list-item]
@@ -256,5 +265,6 @@ class Trainer:
             "samples_per_s": s.micro_batch_size * s.grad_accum * self.dist.world_size / seconds,
             "peak_mem_gib": peak_memory_gib(self.dist.device),
             "skipped": float(p.skipped),
+            "overflow_rows": float(p.overflow_rows),
         }
         self.logger.log(p.step, metrics, console=console)

@@ -10,7 +10,7 @@ from xtuner_vl.model import InternVLChatModel, load_internvl
 from xtuner_vl.model.intern_vit import set_drop_path_rate
 from xtuner_vl.recipes.settings import ModelSettings
 
-__all__ = ["resolve_dtype", "build_train_model"]
+__all__ = ["resolve_dtype", "build_train_model", "apply_method"]
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -29,14 +29,26 @@ def build_train_model(s: ModelSettings, device: torch.device) -> InternVLChatMod
     trainable full weights in fp32 when training without DeepSpeed bf16 (see the backends)."""
     dtype = resolve_dtype(s.dtype, device)
     model = load_internvl(s.path, dtype=dtype, attn_implementation=s.attn_implementation, device=device)
+    return apply_method(model, s, dtype)
+
+
+def apply_method(
+    model: InternVLChatModel, s: ModelSettings, dtype: torch.dtype, quantize: bool = True
+) -> InternVLChatModel:
+    """Apply the training method of ``s`` to ``model``: drop path, freezing, QLoRA, LoRA, checkpointing.
+
+    ``quantize=False`` skips the nf4 quantization (bitsandbytes cannot quantize meta tensors) but keeps
+    every other step, so ``xtuner-vl estimate`` sees the same trainable parameters as training.
+    """
     if s.drop_path_rate is not None:
         set_drop_path_rate(model.vision_model, s.drop_path_rate)
     apply_freeze(model, s.freeze_vit, s.freeze_mlp, s.freeze_llm, s.unfreeze_vit_layers, s.unfreeze_lm_head)
     if s.quantize_llm:
         if not s.llm_lora_rank:
             raise ValueError("quantize_llm (QLoRA) needs llm_lora_rank > 0: 4-bit weights cannot be trained")
-        compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-        quantize_llm_nf4(model.language_model, compute_dtype=compute)
+        if quantize:
+            compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+            quantize_llm_nf4(model.language_model, compute_dtype=compute)
     if s.llm_lora_rank or s.vit_lora_rank:
         apply_lora(model, s.llm_lora_rank, s.vit_lora_rank, s.lora_alpha, s.lora_dropout, s.llm_lora_targets)
     if s.gradient_checkpointing:

@@ -1,20 +1,40 @@
 """``xtuner-vl chat``: talk to an official-format InternVL directory (our loader, no remote code).
 
 Images are tiled as in training (dynamic tiles + thumbnail, the model's ``max_dynamic_patch`` split
-across the images), a video gives one tile per frame (``Frame-k: <image>`` lines), the prompt follows
-the model's template as the official ``chat`` does, and generated text is streamed to stdout.
+across the images), a video gives one tile per frame (``Frame-k: <image>`` lines, as in the official
+training data), and the answer is streamed to stdout token by token as it is generated. The prompt and
+the stopping rule are those of the official ``InternVLChatModel.chat``:
+
+- the MPT prompt of the checkpoint's template: system block (the release's default system message, or
+  config.json's ``system_message``), every earlier ``(question, answer)`` turn, the question, the assistant
+  header; tokenized once, with the tokenizer's own special tokens (BOS for InternLM2 / Phi-3);
+- the first question of a conversation gets the image placeholders in front (``<image>\\n``, or
+  ``Image-k: <image>\\n`` per image, then ``Frame-k: <image>\\n`` per frame) unless it already holds
+  ``<image>``; later questions carry none. The tiles are passed again every turn and fill the first
+  question's ``<image>`` slots, as the official history does;
+- greedy decoding that stops at the template's separator token (the official sets ``eos_token_id`` to it;
+  the tokenizer's EOS only when the separator is not one token); the answer is the text before the
+  separator, stripped, and it enters the history.
+
+Interactive mode: ``exit``, ``quit`` or end of input stop, ``/reset`` starts a new conversation about the
+same images, empty lines are ignored. ``prompt_log`` appends one JSON line per turn (prompt text, its token
+ids, the answer) for checking a template.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 import torch
-from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from xtuner_vl.dataset import (
+    ConversationError,
     expand_image_tokens,
     frames_to_tiles,
     get_template,
@@ -22,12 +42,15 @@ from xtuner_vl.dataset import (
     load_image_tiles,
     load_video_frames,
 )
+from xtuner_vl.dataset.conversation import IMAGE_PLACEHOLDER
 from xtuner_vl.dataset.templates import Template
 from xtuner_vl.model import InternVLChatModel, load_internvl, load_tokenizer
+from xtuner_vl.structures import IMG_CONTEXT_TOKEN
 
-__all__ = ["ChatSession", "chat", "visual_inputs"]
+__all__ = ["ChatSession", "chat", "official_prompt", "visual_inputs"]
 
-_QUIT = {"", "exit", "quit"}
+_QUIT = ("exit", "quit")
+_RESET = "/reset"
 
 
 def visual_inputs(
@@ -52,51 +75,160 @@ def visual_inputs(
     return (torch.cat(tiles) if tiles else None), prefix, counts
 
 
+def official_prompt(
+    template: Template, history: Sequence[tuple[str, str]], question: str, counts: Sequence[int]
+) -> str:
+    """The prompt of the official ``chat``: system, past turns, ``question``, the assistant header.
+
+    The ``<image>`` placeholders, all in the conversation's first question, become ``<img>`` +
+    ``<IMG_CONTEXT>`` x count + ``</img>``; placeholders typed in later questions stay text, as in the official
+    (which replaces only the first ``len(counts)`` occurrences).
+
+    Raises:
+        ConversationError: the first question does not hold exactly ``len(counts)`` placeholders.
+    """
+    turns = [*history, (question, None)]
+    first = turns[0][0]
+    if counts or IMAGE_PLACEHOLDER in first:
+        turns[0] = (expand_image_tokens(first, counts), turns[0][1])
+    t = template
+    text = t.system_template.format(system_message=t.system_message) + t.sep
+    for q, a in turns:
+        text += t.roles[0] + q + t.sep + t.roles[1] + ("" if a is None else a + t.sep)
+    return text
+
+
+class _TokenStreamer(BaseStreamer):
+    """Writes the answer to ``out`` as each token is generated (``TextStreamer`` waits for word ends).
+
+    The tokens so far are decoded as a whole, so pieces that depend on their neighbours (sentencepiece's
+    leading space, byte-fallback characters) come out right; a character still missing bytes is held back.
+    """
+
+    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.tokens: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt ids (none here: it runs on embeddings)
+            self.prompt_seen = True
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        text = self._text()
+        end = len(text.rstrip("\ufffd"))
+        if end > self.shown:
+            self.out.write(text[self.shown:end])
+            self.out.flush()
+            self.shown = end
+
+    def end(self) -> None:
+        self.out.write(self._text()[self.shown:] + "\n")
+        self.out.flush()
+
+
+def _stop_token_id(tokenizer: Any, template: Template) -> int:
+    """The id that ends an answer: the template's separator token, as the official ``chat`` sets it."""
+    sep_id = tokenizer.convert_tokens_to_ids(template.sep.strip())
+    if isinstance(sep_id, int) and sep_id != tokenizer.unk_token_id:
+        return sep_id
+    return tokenizer.eos_token_id
+
+
 @dataclass
 class ChatSession:
-    """A multi-turn conversation with one model; the images belong to the first question."""
+    """A multi-turn conversation with one model; the images belong to the first question.
+
+    Attributes:
+        prompt_log: when set, each turn appends ``{"prompt", "input_ids", "answer"}`` as one JSON line.
+    """
 
     model: InternVLChatModel
-    tokenizer: object
+    tokenizer: Any
     template: Template
     pixel_values: torch.Tensor | None = None
     prefix: str = ""
     counts: list[int] = field(default_factory=list)
     history: list[tuple[str, str]] = field(default_factory=list)
+    prompt_log: TextIO | None = None
+
+    def question_text(self, question: str) -> str:
+        """``question`` as it enters the prompt: the first one of a conversation gets the placeholders in front,
+        unless it already holds ``<image>``."""
+        if self.history or not self.counts or IMAGE_PLACEHOLDER in question:
+            return question
+        return self.prefix + question
 
     def prompt(self, question: str) -> str:
-        """The official ``MPT`` prompt: system, past turns, the question, the assistant header."""
-        t = self.template
-        text = t.system_template.format(system_message=t.system_message) + t.sep
-        for q, a in [*self.history, (question, None)]:
-            text += t.roles[0] + q + t.sep + t.roles[1] + ("" if a is None else a + t.sep)
-        return expand_image_tokens(text, self.counts)
+        """The full prompt for ``question`` (already passed through :meth:`question_text`)."""
+        return official_prompt(self.template, self.history, question, self.counts)
 
-    def ask(self, question: str, max_new_tokens: int = 512, stream: bool = True) -> str:
-        """Answer ``question`` (greedy), streaming the text to stdout when ``stream``; returns the answer."""
-        question = question if self.history else self.prefix + question
+    def reset(self) -> None:
+        """Forget the earlier turns: the next question starts a new conversation about the same images."""
+        self.history.clear()
+
+    def ask(self, question: str, max_new_tokens: int = 512, stream: bool = True, out: TextIO | None = None) -> str:
+        """Answer ``question`` greedily, streaming the text to ``out`` (stdout) when ``stream``.
+
+        Returns:
+            The answer (also appended to the history).
+
+        Raises:
+            ConversationError: a first question whose ``<image>`` count differs from the images and frames.
+        """
+        question = self.question_text(question)
         prompt = self.prompt(question)
         enc = self.tokenizer(prompt, return_tensors="pt")
         device = next(self.model.parameters()).device
-        stop = [self.tokenizer.eos_token_id]
-        sep_id = self.tokenizer.convert_tokens_to_ids(self.template.sep.strip())
-        if isinstance(sep_id, int) and sep_id != self.tokenizer.unk_token_id:
-            stop.append(sep_id)
-        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        stop = _stop_token_id(self.tokenizer, self.template)
+        streamer = _TokenStreamer(self.tokenizer, out or sys.stdout) if stream else None
         pixels = None if self.pixel_values is None else self.pixel_values.to(device, self.model.mlp1[1].weight.dtype)
-        out = self.model.generate(
+        pad = self.tokenizer.pad_token_id
+        out_ids = self.model.generate(
             pixels,
             enc.input_ids.to(device),
             attention_mask=enc.attention_mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0],
+            pad_token_id=stop if pad is None else pad,
             streamer=streamer,
         )
-        answer = self.tokenizer.decode(out[0], skip_special_tokens=True).split(self.template.sep.strip())[0].strip()
+        answer = self.tokenizer.decode(out_ids[0], skip_special_tokens=True).split(self.template.sep.strip())[0].strip()
         self.history.append((question, answer))
+        if self.prompt_log is not None:
+            shown = prompt.replace(IMG_CONTEXT_TOKEN, "")  # the official verbose print, without 256 x n tokens
+            record = {"prompt": shown, "input_ids": enc.input_ids[0].tolist(), "answer": answer}
+            self.prompt_log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.prompt_log.flush()
         return answer
+
+
+def _interactive(session: ChatSession, read_input: Callable[[str], str], max_new_tokens: int) -> list[str]:
+    answers = []
+    while True:
+        try:
+            question = read_input("USER: ").strip()
+        except EOFError:
+            print()
+            return answers
+        if question in _QUIT:
+            return answers
+        if question == _RESET:
+            session.reset()
+            print("(new conversation)")
+            continue
+        if not question:
+            continue
+        print("ASSISTANT: ", end="", flush=True)
+        try:
+            answers.append(session.ask(question, max_new_tokens))
+        except ConversationError as e:  # a typo in the placeholders should not end the session
+            print(f"\nerror: {e}", file=sys.stderr)
 
 
 def chat(
@@ -107,8 +239,9 @@ def chat(
     max_new_tokens: int = 512,
     num_frames: int = 8,
     read_input: Callable[[str], str] = input,
+    prompt_log: str | Path | None = None,
 ) -> list[str]:
-    """One-shot with ``prompt``, otherwise an interactive loop until an empty line, ``exit`` or ``quit``.
+    """One-shot with ``prompt``, otherwise interactive until ``exit``, ``quit`` or end of input.
 
     Returns:
         The answers, in order.
@@ -118,18 +251,15 @@ def chat(
     model = load_internvl(model_dir, dtype=dtype, device=device)
     if model.template is None:
         raise ValueError(f"{model_dir}/config.json names no template")
+    template = get_template(model.template, model.config.raw.get("system_message"))
     pixels, prefix, counts = visual_inputs(model, images, video, num_frames)
-    session = ChatSession(model, load_tokenizer(model_dir), get_template(model.template), pixels, prefix, counts)
-    if prompt is not None:
-        print("ASSISTANT: ", end="", flush=True)
-        return [session.ask(prompt, max_new_tokens)]
-    answers = []
-    while True:
-        try:
-            question = read_input("USER: ")
-        except EOFError:
-            return answers
-        if question.strip() in _QUIT:
-            return answers
-        print("ASSISTANT: ", end="", flush=True)
-        answers.append(session.ask(question, max_new_tokens))
+    log = open(prompt_log, "a", encoding="utf-8") if prompt_log is not None else None  # noqa: SIM115
+    try:
+        session = ChatSession(model, load_tokenizer(model_dir), template, pixels, prefix, counts, prompt_log=log)
+        if prompt is not None:
+            print("ASSISTANT: ", end="", flush=True)
+            return [session.ask(prompt, max_new_tokens)]
+        return _interactive(session, read_input, max_new_tokens)
+    finally:
+        if log is not None:
+            log.close()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 from mmengine.config import Config, DictAction
 
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 
-__all__ = ["DictAction", "find_config", "list_configs", "load_config"]
+__all__ = ["DictAction", "copy_config", "find_config", "list_configs", "load_config"]
 
 
 def list_configs(pattern: str | None = None) -> list[str]:
@@ -37,3 +38,23 @@ def load_config(name_or_path: str, cfg_options: dict | None = None) -> Config:
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
+
+
+def copy_config(name_or_path: str, out_dir: str | Path) -> Path:
+    """Copy a config to ``out_dir`` to edit it: the same text, with its ``_base_`` paths made absolute so
+    the copy loads from anywhere (relative ones like ``../_base_/...`` only resolve beside the original)."""
+    src = find_config(name_or_path).resolve()
+    text = src.read_text(encoding="utf-8")
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_base_" for t in node.targets):
+            values = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else [node.value]
+            lines = text.splitlines(keepends=True)
+            start = sum(len(x) for x in lines[: node.value.lineno - 1]) + node.value.col_offset
+            end = sum(len(x) for x in lines[: node.value.end_lineno - 1]) + node.value.end_col_offset
+            bases = [str((src.parent / ast.literal_eval(v)).resolve()) for v in values]
+            text = text[:start] + "[\n" + "".join(f"    {b!r},\n" for b in bases) + "]" + text[end:]
+            break
+    dst = Path(out_dir) / src.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(text, encoding="utf-8")
+    return dst

@@ -93,7 +93,14 @@ def train(
     accum = _grad_accum(sched, d.world_size)
     base_dataset = dataset
     if loader_s.pack:  # micro_batch_size then counts packs (rows of several samples) per step
-        dataset = PackedDataset(base_dataset, max_tiles=loader_s.pack_max_tiles, seed=runtime.seed)
+        dataset = PackedDataset(
+            base_dataset,
+            pack_length=loader_s.pack_length,
+            max_tiles=loader_s.pack_max_tiles,
+            seed=runtime.seed,
+            window=loader_s.pack_window,
+            headroom=loader_s.pack_headroom,
+        )
     sampler = _sampler(dataset, loader_s, sched, d, runtime.seed)
     steps_per_epoch = len(sampler) // (sched.micro_batch_size * accum)
     if steps_per_epoch == 0:
@@ -198,6 +205,9 @@ def _print_plan(
         f" | backend {runtime.deepspeed or 'torch'} on {d.device}" + (f" | resume {resume}" if resume else ""),
         flush=True,
     )
+    if isinstance(dataset, PackedDataset):
+        budget = f"rows of {dataset.pack_length} tokens and {dataset.max_tiles} tiles"
+        print(f"packing: {dataset.stats()}, {budget}", flush=True)
 
 
 def exit_after_distributed_run() -> None:

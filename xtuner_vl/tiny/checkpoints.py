@@ -219,10 +219,16 @@ def _special_ids(tokenizer, llm: dict) -> dict[str, int]:
     return {k: v for k, v in ids.items() if k in llm and v is not None}
 
 
-def make_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+def make_tiny(
+    family: str, out_dir: str | Path, seed: int = 0, logit_scale: float = 1.0, **overrides: Any
+) -> Path:
     """Write a tiny random checkpoint of ``family`` (a key of :data:`TINY_FAMILIES`) to ``out_dir``.
 
     ``overrides`` replace top-level config.json fields (e.g. ``ps_version="v1"``, ``select_layer=-2``).
+    ``logit_scale`` multiplies the LLM's final norm weight. At 1 the logits are O(1), which is what the
+    equivalence tests want; but then a frozen norm and head cap the probability of any token well
+    below 1 (a logit range of about 8 against a vocabulary of ~650), so LoRA, which leaves both frozen,
+    learns slowly. Real checkpoints have logits spanning tens; the demo uses 8.
     """
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
@@ -236,6 +242,8 @@ def make_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides: Any)
     config = InternVLConfig.from_dict(raw)
     model = InternVLChatModel.from_config(config, img_context_token_id(tokenizer))
     _randomize(model, seed)
+    with torch.no_grad():
+        model.language_model.model.norm.weight.mul_(logit_scale)
     save_official(model, out, dtype=torch.bfloat16)
     eos = [llm["eos_token_id"]] + [
         i for i in [tokenizer.convert_tokens_to_ids("<|im_end|>")] if i != tokenizer.unk_token_id

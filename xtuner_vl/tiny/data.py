@@ -8,54 +8,84 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "POSITIONS", "make_synthetic_dataset", "draw_scene"]
+__all__ = [
+    "COLOURS",
+    "POSITIONS",
+    "QUESTIONS",
+    "SIZES",
+    "SMALL_SIZES",
+    "draw_scene",
+    "make_synthetic_dataset",
+    "multi_image_record",
+    "single_image_record",
+    "text_record",
+]
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 20)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-_SIZES = ((448, 448), (640, 480), (300, 800), (1000, 500), (224, 224), (900, 900))
+SIZES = ((448, 448), (640, 480), (300, 800), (1000, 500), (224, 224), (900, 900))
+SMALL_SIZES = ((448, 448), (640, 480), (480, 640), (560, 336), (336, 448), (224, 224))  # fast to decode
 
 
 def draw_scene(size: tuple[int, int], colour: str, count: int, position: str, shape: str = "square") -> Image.Image:
-    """``count`` shapes of ``colour`` inside the ``position`` quadrant of a light-grey canvas."""
+    """``count`` shapes of ``colour`` in the cells of the ``position`` quadrant of a light-grey canvas.
+
+    The canvas is a 4x4 grid of cells scaled with the image (so a shape covers the same share of a tile
+    whatever the aspect ratio); a quadrant holds 2x2 cells, filled row by row, one shape per cell.
+    """
     w, h = size
     img = Image.new("RGB", size, (235, 235, 235))
     draw = ImageDraw.Draw(img)
-    x0 = 0 if "left" in position else w // 2
-    y0 = 0 if "top" in position else h // 2
-    side = max(4, min(w, h) // 8)
+    qx = 0 if "left" in position else 2
+    qy = 0 if "top" in position else 2
     for k in range(count):
-        cx = x0 + (k % 2) * (w // 4) + w // 16
-        cy = y0 + (k // 2) * (h // 4) + h // 16
-        box = (cx, cy, cx + side, cy + side)
+        x0, y0 = (qx + k % 2) * w / 4, (qy + k // 2) * h / 4
+        box = (x0 + w / 40, y0 + h / 40, x0 + w / 4 - w / 40, y0 + h / 4 - h / 40)
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
     return img
 
 
-def _single(rng: random.Random, image_name: str, folder: Path) -> dict:
+QUESTIONS = {
+    "colour": "What colour are the squares?",
+    "count": "How many squares are there?",
+    "position": "Where are the squares?",
+}
+
+
+def single_image_record(
+    rng: random.Random,
+    image_name: str,
+    folder: Path,
+    questions: int = 1,
+    sizes: tuple[tuple[int, int], ...] = SIZES,
+    kinds: Sequence[str] | None = None,
+) -> tuple[dict, str]:
+    """One scene saved as ``folder/image_name`` and ``questions`` (1-3) different questions on it, one per
+    turn in random order (or the question ``kinds`` given, in order); returns (record, first kind)."""
     colour, count, position = rng.choice(list(COLOURS)), rng.randint(1, 4), rng.choice(POSITIONS)
-    size = rng.choice(_SIZES)
+    size = rng.choice(sizes)
     draw_scene(size, colour, count, position).save(folder / image_name)
-    kind = rng.randrange(3)
-    if kind == 0:
-        q, a = "What colour are the squares?", colour
-    elif kind == 1:
-        q, a = "How many squares are there?", str(count)
-    else:
-        q, a = "Where are the squares?", position
-    turns = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
-    if rng.random() < 0.3:  # a second turn on the same image
-        turns += [{"from": "human", "value": "And their colour?"}, {"from": "gpt", "value": colour}]
-    return {"image": image_name, "width": size[0], "height": size[1], "conversations": turns}
+    answers = {"colour": colour, "count": str(count), "position": position}
+    kinds = list(kinds) if kinds is not None else rng.sample(list(QUESTIONS), questions)
+    turns = []
+    for k, kind in enumerate(kinds):
+        prefix = "<image>\n" if k == 0 else ""
+        turns += [{"from": "human", "value": prefix + QUESTIONS[kind]}, {"from": "gpt", "value": answers[kind]}]
+    return {"image": image_name, "width": size[0], "height": size[1], "conversations": turns}, kinds[0]
 
 
-def _multi(rng: random.Random, names: list[str], folder: Path) -> dict:
+def multi_image_record(
+    rng: random.Random, names: list[str], folder: Path, sizes: tuple[tuple[int, int], ...] = SIZES
+) -> dict:
+    """Scenes saved under ``names`` and the question which of them has the most squares."""
     counts = rng.sample(range(1, 5), len(names))
     for name, count in zip(names, counts, strict=True):
-        draw_scene(rng.choice(_SIZES), rng.choice(list(COLOURS)), count, rng.choice(POSITIONS)).save(folder / name)
+        draw_scene(rng.choice(sizes), rng.choice(list(COLOURS)), count, rng.choice(POSITIONS)).save(folder / name)
     header = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(names)))
     best = counts.index(max(counts)) + 1
     question = f"{header}Which image has the most squares?"
@@ -65,7 +95,8 @@ def _multi(rng: random.Random, names: list[str], folder: Path) -> dict:
     }
 
 
-def _text(rng: random.Random) -> dict:
+def text_record(rng: random.Random) -> dict:
+    """A text-only sample: the sum of two digits."""
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     return {
         "conversations": [{"from": "human", "value": f"What is {a} plus {b}?"}, {"from": "gpt", "value": str(a + b)}]
@@ -73,9 +104,21 @@ def _text(rng: random.Random) -> dict:
 
 
 def make_synthetic_dataset(
-    out_dir: str | Path, num_samples: int = 64, seed: int = 0, multi_image: float = 0.15, text_only: float = 0.15
+    out_dir: str | Path,
+    num_samples: int = 64,
+    seed: int = 0,
+    multi_image: float = 0.15,
+    text_only: float = 0.15,
+    questions: tuple[int, int] = (1, 2),
+    sizes: tuple[tuple[int, int], ...] = SIZES,
 ) -> tuple[Path, Path]:
-    """Write ``images/`` and ``data.jsonl`` under ``out_dir``; returns (annotation file, image folder)."""
+    """Write ``images/`` and ``data.jsonl`` under ``out_dir``; returns (annotation file, image folder).
+
+    Args:
+        num_samples: records; a ``multi_image`` share asks which image has the most squares, a
+            ``text_only`` share adds two digits, the rest ask ``questions`` (min, max) questions on a scene.
+        sizes: image sizes (width, height) to draw scenes at.
+    """
     out = Path(out_dir)
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,11 +127,11 @@ def make_synthetic_dataset(
     for i in range(num_samples):
         r = rng.random()
         if r < text_only:
-            rec = _text(rng)
+            rec = text_record(rng)
         elif r < text_only + multi_image:
-            rec = _multi(rng, [f"{i:05d}_{k}.png" for k in range(rng.randint(2, 3))], folder)
+            rec = multi_image_record(rng, [f"{i:05d}_{k}.png" for k in range(rng.randint(2, 3))], folder, sizes)
         else:
-            rec = _single(rng, f"{i:05d}.png", folder)
+            rec, _ = single_image_record(rng, f"{i:05d}.png", folder, rng.randint(*questions), sizes)
         records.append({"id": i, **rec})
     path = out / "data.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
