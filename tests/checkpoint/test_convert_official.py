@@ -89,3 +89,18 @@ def test_sharded_output_streams_and_loads(trained_run, tmp_path):
     assert all(f.stat().st_size < 300_000 + 300_000 for f in files)  # a shard exceeds the limit by < 1 tensor
     a, b = read_state_dict(one), read_state_dict(many)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_with_unfrozen_head_converts_the_trained_head(trained_run, tmp_path):
+    """`unfreeze_lm_head` under LoRA trains the full head beside the adapters; convert keeps both."""
+    work = trained_run("lora", None, "model.unfreeze_lm_head=True")
+    state = read_trained_checkpoint(work).state
+    head = "language_model.output.weight"
+    assert any(k.endswith("output.weight") and "lora" not in k for k in state), sorted(state)[:5]
+    out = _convert(work, tmp_path / "out", "--dtype", "fp32")
+    base = read_state_dict(_base(work), torch.float32)[head]
+    merged = read_state_dict(out, torch.float32)[head]
+    assert (merged - base).abs().max() > 1e-4, "the head did not train"
+    inputs = sample_inputs(out)
+    expected = logits_of(rebuilt_training_model(work), inputs)
+    torch.testing.assert_close(logits_of(load_internvl(out, dtype=torch.float32), inputs), expected, rtol=0, atol=1e-5)

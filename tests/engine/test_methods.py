@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xtuner_vl.engine.dist import DistInfo
@@ -61,6 +62,16 @@ def test_unfreeze_last_vit_layers_and_drop_path(tiny_ckpt):
     assert not any(p.requires_grad for p in model.language_model.parameters())
     assert abs(layers[-1].drop_path1.drop_prob - 0.2) < 1e-6  # float32 linspace, as the official
     assert model.vision_model.encoder.gradient_checkpointing
+
+
+def test_unfreeze_switches_under_lora(tiny_ckpt):
+    path = str(tiny_ckpt("internvl2-2b"))
+    model = build_train_model(ModelSettings(path=path, llm_lora_rank=4, unfreeze_lm_head=True), CPU)
+    trained = {n for n, p in model.language_model.named_parameters() if p.requires_grad}
+    assert "base_model.model.output.weight" in trained and all("lora_" in n for n in trained - {
+        "base_model.model.output.weight"})
+    with pytest.raises(ValueError, match="unfreeze_vit_layers and vit_lora_rank"):
+        build_train_model(ModelSettings(path=path, vit_lora_rank=4, unfreeze_vit_layers=1), CPU)
 
 
 def test_vit_lora_wraps_official_vit_targets(tiny_ckpt):

@@ -43,6 +43,9 @@ def apply_method(
     if s.drop_path_rate is not None:
         set_drop_path_rate(model.vision_model, s.drop_path_rate)
     apply_freeze(model, s.freeze_vit, s.freeze_mlp, s.freeze_llm, s.unfreeze_vit_layers, s.unfreeze_lm_head)
+    if s.unfreeze_vit_layers and s.vit_lora_rank:
+        raise ValueError("unfreeze_vit_layers and vit_lora_rank: those layers' linears would train both fully and "
+                         "through LoRA; use one of them")
     if s.quantize_llm:
         if not s.llm_lora_rank:
             raise ValueError("quantize_llm (QLoRA) needs llm_lora_rank > 0: 4-bit weights cannot be trained")
@@ -51,6 +54,10 @@ def apply_method(
             quantize_llm_nf4(model.language_model, compute_dtype=compute)
     if s.llm_lora_rank or s.vit_lora_rank:
         apply_lora(model, s.llm_lora_rank, s.vit_lora_rank, s.lora_alpha, s.lora_dropout, s.llm_lora_targets)
+        # peft freezes everything it wraps but the adapters; an explicit unfreeze_lm_head still holds (the
+        # official script sets `lm_head.requires_grad` before wrapping, where it has no effect).
+        if s.unfreeze_lm_head:
+            model.language_model.get_output_embeddings().requires_grad_(True)
     if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(vit=not s.freeze_vit or bool(s.vit_lora_rank) or s.unfreeze_vit_layers > 0)
     return model.train()

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from xtuner_vl.adapters import apply_freeze, apply_lora
 from xtuner_vl.checkpoint import (
     DTYPES,
     CheckpointError,
@@ -31,6 +30,7 @@ from xtuner_vl.checkpoint import (
 from xtuner_vl.checkpoint.hf_export import check_hf_exportable, official_to_hf
 from xtuner_vl.checkpoint.hf_import import hf_to_official
 from xtuner_vl.model import build_empty_model, read_config
+from xtuner_vl.recipes.build_model import apply_method
 from xtuner_vl.recipes.config import find_config, load_config
 from xtuner_vl.recipes.settings import ModelSettings, parse_section
 
@@ -50,10 +50,7 @@ def expected_trainable_model(s: ModelSettings) -> nn.Module:
     QLoRA's nf4 layers are not built: peft gives their adapters the same names as on plain linears.
     """
     model = build_empty_model(read_config(s.path), img_context_token_id=0)
-    apply_freeze(model, s.freeze_vit, s.freeze_mlp, s.freeze_llm, s.unfreeze_vit_layers, s.unfreeze_lm_head)
-    if s.llm_lora_rank or s.vit_lora_rank:
-        apply_lora(model, s.llm_lora_rank, s.vit_lora_rank, s.lora_alpha, s.lora_dropout, s.llm_lora_targets)
-    return model
+    return apply_method(model, s, torch.float32, quantize=False)  # the trainer's own method code
 
 
 def _check_meta(ckpt: TrainedCheckpoint, s: ModelSettings, config: str, trust_base: bool) -> None:
