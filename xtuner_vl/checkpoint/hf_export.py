@@ -54,7 +54,6 @@ import torch
 from PIL import Image
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-from tqdm import tqdm
 from transformers import (
     GotOcr2ImageProcessor,
     InternVLConfig,
@@ -66,7 +65,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from xtuner_vl.checkpoint.stream import ShardWriter, base_shapes, iter_base_tensors
+from xtuner_vl.checkpoint.stream import ShardWriter, iter_base_tensors
 from xtuner_vl.checkpoint.trained import CheckpointError
 from xtuner_vl.dataset.image import IMAGENET_MEAN, IMAGENET_STD
 from xtuner_vl.dataset.templates import get_template
@@ -356,9 +355,10 @@ def write_hf_processor(official_dir: str | Path, out_dir: str | Path, raw: dict[
 
 
 def _converted(source: Path, llm: dict[str, Any], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    total = len(base_shapes(source))
-    for key, tensor in tqdm(iter_base_tensors(source), total=total, desc="to hf", disable=not progress):
-        yield from hf_tensors(key, tensor, llm)
+    for key, tensor in iter_base_tensors(source, "to hf" if progress else None):
+        pieces = hf_tensors(key, tensor, llm)
+        del tensor  # not held while the next one is read
+        yield from pieces
 
 
 def official_to_hf(

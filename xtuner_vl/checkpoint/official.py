@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from xtuner_vl.checkpoint.delta import TrainedDelta, merge_lora_weight
-from xtuner_vl.checkpoint.stream import ShardWriter, base_shapes, iter_base_tensors
+from xtuner_vl.checkpoint.stream import ShardWriter, iter_base_tensors
 from xtuner_vl.checkpoint.trained import CheckpointError, materialize
 from xtuner_vl.model.saver import copy_support_files
 from xtuner_vl.model.weights import atomic_write_text
@@ -73,16 +72,12 @@ def export_official(
     base, out = Path(base_dir), Path(out_dir)
     if out.resolve() == base.resolve():
         raise CheckpointError(f"output directory {out} is the base directory; choose another one")
-    shapes = base_shapes(base)
     writer = ShardWriter(out, max_shard_size)
     seen = set()
-    with tqdm(total=len(shapes), desc="convert", disable=not progress) as bar:
-        for key, tensor in iter_base_tensors(base):
-            writer.add(key, _converted(key, tensor, delta, dtype))
-            seen.add(key)
-            # Free it now: the loop (or a tqdm wrapping the iterator) would hold it while the next one is read.
-            del tensor
-            bar.update()
+    for key, tensor in iter_base_tensors(base, "convert" if progress else None):
+        writer.add(key, _converted(key, tensor, delta, dtype))
+        seen.add(key)
+        del tensor  # not held while the next one is read
     unused = delta.touched() - seen
     if unused:
         raise CheckpointError(f"{sorted(unused)[:5]} of the checkpoint were not found in {base}")

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from xtuner_vl.model.weights import atomic_write_text, iter_tensors, parse_size, weight_files
 
@@ -37,24 +38,20 @@ def base_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def iter_base_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` over every weight file of ``model_dir``, one tensor at a time, in file order.
+def iter_base_tensors(model_dir: str | Path, desc: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` over every weight file of ``model_dir``, one tensor at a time, in file order;
+    with ``desc``, a progress bar of that name ticks per tensor.
 
-    Safetensors tensors are read with ``pread`` into their own memory where the installed safetensors
-    supports it (``backend="pread"``, e.g. 0.8): a memory-mapped tensor keeps its shard mapped, and the
-    pages read resident, while it lives.
+    The generator drops each tensor before reading the next; a caller that wants the same (peak memory
+    of one tensor) deletes its own reference in its loop body.
     """
-    for file in weight_files(model_dir):
-        if file.suffix != ".safetensors":
-            yield from iter_tensors(file)
-            continue
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu", backend="pread")
-        except TypeError:  # a safetensors without the backend option: memory-mapped only
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        with handle as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+    total = len(base_shapes(model_dir)) if desc else None
+    with tqdm(total=total, desc=desc, disable=desc is None) as bar:
+        for file in weight_files(model_dir):
+            for key, tensor in iter_tensors(file):
+                yield key, tensor
+                del tensor
+                bar.update()
 
 
 # safetensors dtype names and item sizes of the dtypes a checkpoint holds.

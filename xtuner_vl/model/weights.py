@@ -39,10 +39,19 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` from one weight file without loading the others."""
+    """Yield ``(key, tensor)`` from one weight file without loading the others.
+
+    Safetensors tensors are read with ``pread`` into their own memory where the installed safetensors
+    supports it (``backend="pread"``, e.g. 0.8): a memory-mapped tensor keeps its file mapped, and the
+    pages read resident, while it lives.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+        except TypeError:  # a safetensors without the backend option: memory-mapped only
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        with handle as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
     else:

@@ -40,12 +40,12 @@ def apply_method(
     ``quantize=False`` skips the nf4 quantization (bitsandbytes cannot quantize meta tensors) but keeps
     every other step, so ``xtuner-vl estimate`` sees the same trainable parameters as training.
     """
-    if s.drop_path_rate is not None:
-        set_drop_path_rate(model.vision_model, s.drop_path_rate)
-    apply_freeze(model, s.freeze_vit, s.freeze_mlp, s.freeze_llm, s.unfreeze_vit_layers, s.unfreeze_lm_head)
     if s.unfreeze_vit_layers and s.vit_lora_rank:
         raise ValueError("unfreeze_vit_layers and vit_lora_rank: those layers' linears would train both fully and "
                          "through LoRA; use one of them")
+    if s.drop_path_rate is not None:
+        set_drop_path_rate(model.vision_model, s.drop_path_rate)
+    apply_freeze(model, s.freeze_vit, s.freeze_mlp, s.freeze_llm, s.unfreeze_vit_layers, s.unfreeze_lm_head)
     if s.quantize_llm:
         if not s.llm_lora_rank:
             raise ValueError("quantize_llm (QLoRA) needs llm_lora_rank > 0: 4-bit weights cannot be trained")

@@ -9,7 +9,7 @@ the text report is written by :mod:`xtuner_vl.recipes.estimate_report`.
 
 from __future__ import annotations
 
-import warnings
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,7 @@ from xtuner_vl.recipes.settings import (
     ScheduleSettings,
     parse_section,
 )
+from xtuner_vl.registry import DATASETS
 
 __all__ = ["ModuleCount", "Workload", "Estimate", "estimate", "build_meta_model", "count_parameters", "layer_spec"]
 
@@ -102,10 +103,7 @@ def build_meta_model(s: ModelSettings) -> tuple[InternVLChatModel, str | None, s
     config, release = resolve_model_config(s.path)
     model = build_empty_model(config, attn_implementation="sdpa")
     nf4 = {id(lin.weight) for _, _, lin in nf4_targets(model.language_model)} if s.quantize_llm else set()
-    # LoRA layers are created on meta too (no allocation, no init); transformers' checkpointing API
-    # rename warning is not about the estimate.
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with torch.device("meta"):  # LoRA layers are created on meta too (no allocation, no init)
         model = apply_method(model, s, torch.bfloat16, quantize=False)
     return model, release, nf4
 
@@ -233,9 +231,12 @@ def _param_bytes(model: nn.Module, total: ModuleCount, elem: int) -> me.ParamByt
 
 def _workload(cfg, s: ModelSettings, model: InternVLChatModel, mbs: int, trained: int | None) -> Workload:
     data = dict(cfg.get("train_dataset") or {})
+    kind = data.get("type", "InternVLDataset")  # the dataset's own defaults for what the config leaves out
+    defaults = inspect.signature(kind if isinstance(kind, type) else DATASETS.get(kind)).parameters
+    data = {k: data.get(k, defaults[k].default) for k in ("max_length", "max_dynamic_patch", "use_thumbnail")}
     loader = parse_section(DataLoaderSettings, cfg.get("dataloader"), "dataloader")
     mc = model.config
-    max_length, max_patch = int(data.get("max_length", 4096)), int(data.get("max_dynamic_patch", 6))
+    max_length, max_patch = int(data["max_length"]), int(data["max_dynamic_patch"])
     thumbnail = mc.use_thumbnail if data.get("use_thumbnail") is None else data["use_thumbnail"]
     per_image = mc.num_image_token
     tiles = max_patch + (1 if thumbnail and max_patch > 1 else 0)

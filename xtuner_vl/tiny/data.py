@@ -20,10 +20,12 @@ __all__ = [
     "SIZES",
     "SMALL_SIZES",
     "draw_scene",
+    "image_folder",
     "make_synthetic_dataset",
     "multi_image_record",
     "single_image_record",
     "text_record",
+    "write_jsonl",
 ]
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 20)}
@@ -64,9 +66,9 @@ def single_image_record(
     questions: int = 1,
     sizes: tuple[tuple[int, int], ...] = SIZES,
     kinds: Sequence[str] | None = None,
-) -> tuple[dict, str]:
+) -> dict:
     """One scene saved as ``folder/image_name`` and ``questions`` (1-3) different questions on it, one per
-    turn in random order (or the question ``kinds`` given, in order); returns (record, first kind)."""
+    turn in random order (or the question ``kinds`` given, in order); returns the record."""
     colour, count, position = rng.choice(list(COLOURS)), rng.randint(1, 4), rng.choice(POSITIONS)
     size = rng.choice(sizes)
     draw_scene(size, colour, count, position).save(folder / image_name)
@@ -76,7 +78,7 @@ def single_image_record(
     for k, kind in enumerate(kinds):
         prefix = "<image>\n" if k == 0 else ""
         turns += [{"from": "human", "value": prefix + QUESTIONS[kind]}, {"from": "gpt", "value": answers[kind]}]
-    return {"image": image_name, "width": size[0], "height": size[1], "conversations": turns}, kinds[0]
+    return {"image": image_name, "width": size[0], "height": size[1], "conversations": turns}
 
 
 def multi_image_record(
@@ -119,9 +121,7 @@ def make_synthetic_dataset(
             ``text_only`` share adds two digits, the rest ask ``questions`` (min, max) questions on a scene.
         sizes: image sizes (width, height) to draw scenes at.
     """
-    out = Path(out_dir)
-    folder = out / "images"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = image_folder(out_dir)
     rng = random.Random(seed)
     records = []
     for i in range(num_samples):
@@ -131,8 +131,19 @@ def make_synthetic_dataset(
         elif r < text_only + multi_image:
             rec = multi_image_record(rng, [f"{i:05d}_{k}.png" for k in range(rng.randint(2, 3))], folder, sizes)
         else:
-            rec, _ = single_image_record(rng, f"{i:05d}.png", folder, rng.randint(*questions), sizes)
+            rec = single_image_record(rng, f"{i:05d}.png", folder, rng.randint(*questions), sizes)
         records.append({"id": i, **rec})
-    path = out / "data.jsonl"
+    return write_jsonl(Path(out_dir) / "data.jsonl", records), folder
+
+
+def image_folder(out_dir: str | Path) -> Path:
+    """``out_dir/images``, created."""
+    folder = Path(out_dir) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    """Write ``records`` as one JSON object per line; returns ``path``."""
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path, folder
+    return path

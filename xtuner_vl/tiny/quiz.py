@@ -22,7 +22,15 @@ import torch
 from xtuner_vl.dataset import InternVLDataset
 from xtuner_vl.model import InternVLChatModel, load_internvl, load_tokenizer
 from xtuner_vl.structures import IGNORE_INDEX, Sample
-from xtuner_vl.tiny.data import COLOURS, POSITIONS, QUESTIONS, SIZES, single_image_record
+from xtuner_vl.tiny.data import (
+    COLOURS,
+    POSITIONS,
+    QUESTIONS,
+    SIZES,
+    image_folder,
+    single_image_record,
+    write_jsonl,
+)
 
 __all__ = ["QuizResult", "choose_answer", "make_quiz", "quiz_accuracy", "quiz_accuracy_of_dir"]
 
@@ -47,18 +55,14 @@ def make_quiz(
     out_dir: str | Path, num_questions: int = 60, seed: int = 1234, sizes: tuple[tuple[int, int], ...] = SIZES
 ) -> tuple[Path, Path]:
     """Write held-out questions to ``out_dir/quiz.jsonl`` (+ ``images/``); returns (file, image folder)."""
-    out = Path(out_dir)
-    folder = out / "images"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = image_folder(out_dir)
     rng = random.Random(seed)
-    lines = []
+    records = []
     for i in range(num_questions):
         kind = list(QUESTIONS)[i % len(QUESTIONS)]
-        rec, _ = single_image_record(rng, f"q{i:05d}.png", folder, sizes=sizes, kinds=[kind])
-        lines.append(json.dumps({"id": i, **rec, "kind": kind, "choices": CHOICES[kind]}) + "\n")
-    path = out / "quiz.jsonl"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path, folder
+        rec = single_image_record(rng, f"q{i:05d}.png", folder, sizes=sizes, kinds=[kind])
+        records.append({"id": i, **rec, "kind": kind, "choices": CHOICES[kind]})
+    return write_jsonl(Path(out_dir) / "quiz.jsonl", records), folder
 
 
 def _with_answer(record: dict, answer: str) -> dict:
@@ -117,9 +121,7 @@ def quiz_accuracy(
     quiz_path = Path(quiz_path)
     records = [json.loads(x) for x in quiz_path.read_text(encoding="utf-8").splitlines() if x.strip()]
     expanded = quiz_path.with_name(quiz_path.stem + ".choices.jsonl")
-    expanded.write_text(
-        "".join(json.dumps(_with_answer(r, c)) + "\n" for r in records for c in r["choices"]), encoding="utf-8"
-    )
+    write_jsonl(expanded, [_with_answer(r, c) for r in records for c in r["choices"]])
     dataset = InternVLDataset(
         str(expanded),
         tokenizer,
