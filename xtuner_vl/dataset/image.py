@@ -3,9 +3,10 @@
 The official pipeline (``internvl_chat/internvl/train/dataset.py``) is
 ``Image.open(path).convert('RGB')`` -> ``dynamic_preprocess`` -> per tile
 ``Resize((s, s), BICUBIC) -> ToTensor -> Normalize(ImageNet)``. This module reproduces its output bit for
-bit (checked with ``torch.equal`` against the official functions) with less work: no tile is cropped or
-copied as a PIL image; tiles are uint8 views of the resized image's colour planes, converted and
-normalised straight into the output with exactly torchvision's float32 operations.
+bit (checked with ``torch.equal`` against the official functions) with less work: the two resizes run
+in a compiled, Pillow-exact resampler (:mod:`xtuner_vl.dataset.native`; Pillow itself where it is
+unavailable), no tile is cropped or copied as a PIL image, and every pixel is converted through a table
+of torchvision's float32 ``ToTensor`` + ``Normalize`` result for each of the 256 values.
 
 Where the official loader is unsafe we are stricter, never different on good images:
 
@@ -31,6 +32,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image
+
+from xtuner_vl.dataset.native import native_resampler
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -256,6 +259,18 @@ def _channel_tensors(mean: Sequence[float], std: Sequence[float]) -> tuple[torch
     )
 
 
+@functools.cache
+def _value_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """torchvision's ``ToTensor`` + ``Normalize`` of every uint8 value, per channel: float32 [3, 256].
+
+    Computed with the very ops of :func:`_normalize_into` (elementwise, so a pixel's result depends only on
+    its value and channel): looking a pixel up here gives the transform's bits.
+    """
+    mean_t, std_t = _channel_tensors(mean, std)
+    values = torch.arange(256, dtype=torch.float32).expand(len(mean), 1, 256).clone()
+    return values.div_(255).sub_(mean_t).div_(std_t).view(len(mean), 256)
+
+
 def tiles_to_tensor(
     tiles: Sequence[Image.Image],
     image_size: int = 448,
@@ -275,9 +290,15 @@ def tiles_to_tensor(
     s = image_size
     mean_t, std_t = _channel_tensors(mean, std)
     out = torch.empty((len(tiles), 3, s, s), dtype=torch.float32)
+    resampler = native_resampler()
     for k, tile in enumerate(tiles):
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
+        if resampler is not None:
+            rgb = np.asarray(tile)
+            rgb = rgb if tile.size == (s, s) else resampler.resize(rgb, (s, s))
+            resampler.tiles_into(rgb, 1, 1, _value_table(tuple(mean), tuple(std)), out[k : k + 1])
+            continue
         if tile.size != (s, s):
             tile = tile.resize((s, s), Image.Resampling.BICUBIC)
         _normalize_into(out[k], _rgb_planes(tile), mean_t, std_t)
@@ -291,13 +312,14 @@ def load_image_tiles(
     image_size: int = 448,
     use_thumbnail: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    native: bool = True,
 ) -> torch.Tensor:
     """Tile and normalise one image: ``tiles_to_tensor(dynamic_tiles(image, ...))``, but faster.
 
-    No tile is cropped as a PIL image: the resized image is read out of PIL once per colour plane, and
-    each tile is converted and normalised from views of those planes straight into the output (see
-    :func:`_normalize_into`). Identical to the official ``dynamic_preprocess`` + per-tile
-    ``build_transform(is_train=False)`` output.
+    The resizes run in the native resampler when available (:func:`native_resampler`), each pixel then
+    taken from :func:`_value_table`; otherwise Pillow resizes and the tiles are normalised from views of
+    the resized image's colour planes (:func:`_normalize_into`). Both are identical to the official
+    ``dynamic_preprocess`` + per-tile ``build_transform(is_train=False)`` output.
 
     Args:
         image: an RGB PIL image, or a path / file object loaded with :func:`load_image`.
@@ -306,6 +328,8 @@ def load_image_tiles(
         image_size: tile side in pixels.
         use_thumbnail: append the whole image as one more tile when the grid has several tiles.
         max_pixels: pixel limit passed to :func:`load_image` when ``image`` is not yet an RGB image.
+        native: use the native resampler when it is available; False always resizes with Pillow (the
+            same tensor, slower).
 
     Returns:
         float32 tensor [tiles, 3, image_size, image_size].
@@ -314,17 +338,25 @@ def load_image_tiles(
         image = load_image(image, max_pixels)
     s = image_size
     cols, rows = find_closest_grid(image.width, image.height, min_num, max_num, s)
-    resized, thumbnail = _resize_for_tiles(image, cols, rows, s, use_thumbnail)
     n = cols * rows
+    thumbnail = bool(use_thumbnail) and n != 1
+    out = torch.empty((n + int(thumbnail), 3, s, s), dtype=torch.float32)
+    resampler = native_resampler() if native else None
+    if resampler is not None:
+        rgb, table = np.asarray(image), _value_table(IMAGENET_MEAN, IMAGENET_STD)
+        resampler.tiles_into(resampler.resize(rgb, (s * cols, s * rows)), cols, rows, table, out[:n])
+        if thumbnail:
+            resampler.tiles_into(resampler.resize(rgb, (s, s)), 1, 1, table, out[n:])
+        return out
+    resized, thumb = _resize_for_tiles(image, cols, rows, s, use_thumbnail)
     mean_t, std_t = _channel_tensors(IMAGENET_MEAN, IMAGENET_STD)
-    out = torch.empty((n + (thumbnail is not None), 3, s, s), dtype=torch.float32)
     # Plane [rows*s, cols*s] -> [rows, s, cols, s]: tile (r, c), row-major, is [r, :, c, :].
     planes = [plane.reshape(rows, s, cols, s) for plane in _rgb_planes(resized)]
     for k in range(n):
         r, c = divmod(k, cols)
         _normalize_into(out[k], [plane[r, :, c] for plane in planes], mean_t, std_t)
-    if thumbnail is not None:
-        _normalize_into(out[n], _rgb_planes(thumbnail), mean_t, std_t)
+    if thumb is not None:
+        _normalize_into(out[n], _rgb_planes(thumb), mean_t, std_t)
     return out
 
 

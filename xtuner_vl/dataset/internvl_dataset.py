@@ -33,6 +33,7 @@ from xtuner_vl.dataset.image import (
     tiles_to_tensor,
 )
 from xtuner_vl.dataset.lengths import source_stats
+from xtuner_vl.dataset.native import native_resampler
 from xtuner_vl.dataset.sources import DataSource, build_sources, repeat_indices
 from xtuner_vl.dataset.templates import Template, get_template
 from xtuner_vl.dataset.video import frames_to_tiles, load_video_frames
@@ -130,6 +131,7 @@ class InternVLDataset(Dataset):
         self.source_of = np.concatenate([np.full(len(r), i, dtype=np.int32) for i, r in enumerate(per_source)])
         self.record_of = np.concatenate(per_source)
         self._stats: tuple[np.ndarray, np.ndarray] | None = None
+        native_resampler()  # build and check it here, once, before data loader workers are forked
 
     def __len__(self) -> int:
         return len(self.record_of)
