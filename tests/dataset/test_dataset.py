@@ -224,3 +224,18 @@ def test_video_sample_one_tile_per_frame(setup, tmp_path):
     import re
 
     assert re.findall(r"Frame-(\d+):\s*<img>\s*</img>", text) == [str(i + 1) for i in range(n)], text
+
+
+def test_estimate_record_counts_image_tags_and_grid():
+    from xtuner_vl.dataset.lengths import estimate_record
+
+    settings = {"base_tokens": 45, "num_image_token": 256, "max_dynamic_patch": 6, "min_dynamic_patch": 1,
+                "use_thumbnail": True, "image_size": 448, "max_num_frames": 32}
+    turns = [{"from": "human", "value": "<image>\n" + "q" * 12}, {"from": "gpt", "value": "a" * 20}]  # 40 bytes
+    # 896x448: grid 2x1 + thumbnail = 3 tiles of 256 tokens, plus <img> and </img>.
+    sized = {"image": "x.jpg", "width": 896, "height": 448, "conversations": turns}
+    assert estimate_record(sized, settings) == (45 + 40 // 4 + 3 * 256 + 2, True)
+    # Two images without sizes: each gets max(1, 6 // 2) = 3 tiles + thumbnail, and its own tags.
+    two = {"image": ["a.jpg", "b.jpg"], "conversations": turns}
+    assert estimate_record(two, settings) == (45 + 10 + 2 * (4 * 256 + 2), True)
+    assert estimate_record({"conversations": turns}, settings) == (55, False)

@@ -74,3 +74,22 @@ def test_sigkill_in_checkpoint_write_and_mid_run_then_resume(train_assets, tmp_p
     assert sorted(got) == list(range(1, 13))
     assert got == expected  # bitwise: same floats step by step
     assert [p.name for p in sorted(ckpts.iterdir())] == ["step-00000009", "step-00000012"]  # keep_last=2
+
+
+def test_resume_refuses_a_changed_data_order(train_assets, tmp_path):
+    """Packing settings (or sizes, sampler, micro batch) that would change the data order stop a resume
+    with the differences named, instead of silently training on another order."""
+    work = tmp_path / "packed"
+    base = cli_args(train_assets, work, "--resume", "auto") + [
+        "runtime.deepspeed=None", "dataloader.pack=True", "train_dataset.max_length=1536",
+        "schedule.global_batch_size=1", "schedule.micro_batch_size=1", "schedule.max_steps=2",
+        "runtime.save_steps=2",
+    ]
+    run_cli(base + ["dataloader.pack_length=2048"], cache=train_assets["cache"])
+    proc = run_cli(base + ["dataloader.pack_length=3072", "schedule.max_steps=4"], check=False,
+                   cache=train_assets["cache"])
+    assert proc.returncode != 0
+    assert "cannot resume exactly" in proc.stderr and "pack_length: 2048 -> 3072" in proc.stderr, proc.stderr[-3000:]
+    # The same settings resume (and train on to the new last step).
+    run_cli(base + ["dataloader.pack_length=2048", "schedule.max_steps=4"], cache=train_assets["cache"])
+    assert sorted(logged_losses(work)) == [1, 2, 3, 4]

@@ -110,7 +110,11 @@ def test_packed_zero3_run_with_accumulation(train_assets, tmp_path):
     out = run_cli(cli_args(train_assets, work, "--deepspeed", "zero3")
                   + ["dataloader.pack=True", "dataloader.pack_max_tiles=12", "train_dataset.max_length=1536",
                      "schedule.global_batch_size=4", "schedule.micro_batch_size=1", "schedule.epochs=6",
-                     "runtime.save_steps=1000"], env=env, cache=train_assets["cache"])
+                     "runtime.save_steps=1000", "runtime.peak_tflops=0.01"], env=env, cache=train_assets["cache"])
     assert "packs" in out.stdout and "accum 2" in out.stdout
     losses = logged_losses(work)
     assert len(losses) >= 6 and _falls(losses), losses
+    # Model FLOPs of the real samples per second and GPU, and the MFU against the given peak (10 GFLOP/s).
+    records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["tflops_per_gpu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.01) for r in records)
+    assert " mfu " in out.stdout + out.stderr

@@ -24,6 +24,8 @@ from xtuner_vl.dataset.sources import DataSource
 __all__ = ["estimate_record", "source_stats", "cache_dir"]
 
 BYTES_PER_TOKEN = 4  # rough: ~4 bytes of UTF-8 per token for English, ~3 (one CJK char) per token for Chinese
+IMAGE_TAG_TOKENS = 2  # <img> and </img> around each image's context tokens
+ESTIMATOR_VERSION = 2  # 2: counts IMAGE_TAG_TOKENS
 
 
 def cache_dir() -> Path:
@@ -51,7 +53,7 @@ def estimate_record(item: dict[str, Any], settings: dict[str, Any]) -> tuple[int
         )
     else:
         tiles = per_image + (1 if settings["use_thumbnail"] and per_image > 1 else 0)
-    return tokens + len(images) * tiles * settings["num_image_token"], True
+    return tokens + len(images) * (tiles * settings["num_image_token"] + IMAGE_TAG_TOKENS), True
 
 
 def _estimate_chunk(args: tuple[AnnotationFile, int, int, dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +99,7 @@ def source_stats(
         "image_size": image_size,
         "max_num_frames": max_num_frames,
         "bytes_per_token": BYTES_PER_TOKEN,
+        "estimator": ESTIMATOR_VERSION,  # part of the cache key: a changed formula recomputes
     }
     key = hashlib.sha256((_file_hash(source.annotations.path) + json.dumps(settings, sort_keys=True)).encode())
     cached = cache_dir() / f"{key.hexdigest()}.npz"

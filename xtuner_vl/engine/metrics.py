@@ -63,10 +63,11 @@ class MetricsLogger:
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         if console:
             eta = time.strftime("%H:%M:%S", time.gmtime(record["eta_s"])) if record["eta_s"] == record["eta_s"] else "-"
+            mfu = f" tflops/gpu {metrics['tflops_per_gpu']:.1f} mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
             self.bar.write(
                 f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr']:.3e} "
                 f"grad_norm {metrics.get('grad_norm', float('nan')):.3f} tokens/s {metrics['tokens_per_s']:.0f} "
-                f"samples/s {metrics['samples_per_s']:.2f} mem {metrics['peak_mem_gib']:.2f}GiB eta {eta}"
+                f"samples/s {metrics['samples_per_s']:.2f}{mfu} mem {metrics['peak_mem_gib']:.2f}GiB eta {eta}"
             )
 
     def message(self, text: str) -> None:

@@ -24,6 +24,7 @@ from xtuner_vl.dataset.collate import CollatedBatch, SkippedSample
 from xtuner_vl.engine.backend import Backend, set_group_lrs
 from xtuner_vl.engine.checkpoint_dir import CheckpointDir, rng_state, set_rng_state
 from xtuner_vl.engine.dist import DistInfo, all_reduce_sum, barrier
+from xtuner_vl.engine.flops import TrainingFlops
 from xtuner_vl.engine.metrics import MetricsLogger, peak_memory_gib
 from xtuner_vl.structures import IGNORE_INDEX, Batch
 
@@ -70,6 +71,8 @@ class TrainerSettings:
     log_interval: int = 10
     max_skip_fraction: float = 0.01
     meta: dict[str, Any] = field(default_factory=dict)  # written into each checkpoint's meta.json
+    # What the data order depends on (sizes, sampler, packing): a resume must find the same.
+    data_signature: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Trainer:
         dist_info: DistInfo,
         work_dir: str | Path,
         first_usable_batch: Callable[[], Batch] | None = None,
+        flops: TrainingFlops | None = None,
+        peak_flops: float | None = None,
     ) -> None:
         self.backend, self.make_loader, self.sampler = backend, make_loader, sampler
         self.s, self.dist = settings, dist_info
@@ -102,6 +107,8 @@ class Trainer:
         self.progress = _Progress()
         self._fallback: Batch | None = None
         self._first_usable_batch = first_usable_batch
+        # FLOPs of the real samples (TrainingFlops) and one device's peak: tflops_per_gpu and mfu in the log.
+        self.flops, self.peak_flops = flops, peak_flops
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
@@ -120,6 +127,7 @@ class Trainer:
             "overflow_rows": p.overflow_rows,
             "rng": rng_state(),
             "sampler": self.sampler.state_dict(p.consumed),
+            "data_signature": self.s.data_signature,
         }
         torch.save(state, tmp / f"trainer_state_rank{self.dist.rank}.pt")
         if os.environ.get("XTUNER_VL_CRASH_IN_SAVE") == str(p.step):  # fault injection for the resume tests
@@ -135,10 +143,23 @@ class Trainer:
     def resume(self, path: Path) -> None:
         self.backend.load(path)
         state = torch.load(path / f"trainer_state_rank{self.dist.rank}.pt", weights_only=False)
+        self._check_data_signature(path, state.get("data_signature"))
         keys = ("step", "epoch", "consumed", "seen", "skipped")
         self.progress = _Progress(*(state[k] for k in keys), state.get("overflow_rows", 0))
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
+
+    def _check_data_signature(self, path: Path, saved: dict[str, Any] | None) -> None:
+        """Refuse to resume when the data order would differ from the checkpoint's run."""
+        now = self.s.data_signature
+        if not saved or saved == now:  # checkpoints from before signatures were saved carry none
+            return
+        keys = sorted({*saved, *now})
+        changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+        raise ValueError(
+            f"{path}: cannot resume exactly, the data order of this run differs from the checkpoint's "
+            f"({'; '.join(changes)}). Restore those settings, or start a new run without --resume."
+        )
 
     # -- one optimizer step --------------------------------------------------------------------
     def _next_batches(self, it: Iterator[CollatedBatch]) -> list[CollatedBatch]:
@@ -165,10 +186,13 @@ class Trainer:
         )
         n_global = all_reduce_sum(trained).clamp(min=1.0)
         loss_total, tokens, grad_norm = torch.zeros((), device=device, dtype=torch.float64), 0, None
+        model_flops = 0.0
         for i, cb in enumerate(micro):
             boundary = i == len(micro) - 1
             self.backend.prepare_micro_step(boundary)
             batch, weight = self._micro_inputs(cb)
+            if self.flops is not None and weight:
+                model_flops += self.flops.of_batch(batch)  # from the CPU tensors: no device sync
             batch = batch.to(device)
             out = self.backend.forward(
                 pixel_values=batch.pixel_values,
@@ -193,6 +217,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": float(all_reduce_sum(torch.tensor(float(tokens), device=device))),
             "trained_tokens": float(n_global),
+            "flops": float(all_reduce_sum(torch.tensor(model_flops, device=device, dtype=torch.float64))),
         }
 
     def _account_skips(self, micro: list[CollatedBatch]) -> None:
@@ -267,4 +292,9 @@ class Trainer:
             "skipped": float(p.skipped),
             "overflow_rows": float(p.overflow_rows),
         }
+        if self.flops is not None:
+            per_gpu = last["flops"] / seconds / self.dist.world_size
+            metrics["tflops_per_gpu"] = per_gpu / 1e12
+            if self.peak_flops:
+                metrics["mfu"] = per_gpu / self.peak_flops
         self.logger.log(p.step, metrics, console=console)

@@ -16,7 +16,7 @@ from xtuner_vl.model.tokenizer import img_context_token_id as tokenizer_img_cont
 from xtuner_vl.model.tokenizer import load_tokenizer
 from xtuner_vl.model.weights import read_state_dict
 
-__all__ = ["load_internvl", "build_empty_model"]
+__all__ = ["load_internvl", "build_empty_model", "materialize_buffers"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def build_empty_model(
         )
 
 
-def _materialize_buffers(model: nn.Module) -> None:
+def materialize_buffers(model: nn.Module) -> None:
     """Recreate modules whose non-persistent buffers (rotary tables) were left on the meta device."""
     for name, module in list(model.named_modules()):
         if not any(b.is_meta for b in module.buffers(recurse=False)):
@@ -93,7 +93,7 @@ def load_internvl(
     if shapes:
         raise ValueError(f"{path}: weight shapes differ from config.json, e.g. (key, file, config) {shapes[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
-    _materialize_buffers(model)
+    materialize_buffers(model)
     if (path / "generation_config.json").is_file():
         model.language_model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model.to(device).eval()

@@ -83,6 +83,7 @@ class RuntimeSettings:
     max_skip_fraction: float = 0.01
     deepspeed: str | None = None  # preset name or json path; None = plain PyTorch / DDP
     device: str | None = None  # None: cuda when available
+    peak_tflops: float | None = None  # dense bf16 peak per GPU for the logged MFU; None: known GPUs by name
 
 
 def parse_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:

@@ -17,6 +17,7 @@ from xtuner_vl.dataset.packing import PackedDataset
 from xtuner_vl.dataset.samplers import DistributedRandomSampler, LengthGroupedSampler
 from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
 from xtuner_vl.engine.dist import DistInfo, init_distributed
+from xtuner_vl.engine.flops import TrainingFlops, peak_bf16_flops
 from xtuner_vl.engine.param_groups import param_groups
 from xtuner_vl.engine.schedule import warmup_steps_for
 from xtuner_vl.engine.torch_backend import TorchBackend
@@ -63,6 +64,15 @@ def _sampler(dataset, loader: DataLoaderSettings, sched: ScheduleSettings, d: Di
     return DistributedRandomSampler(len(dataset), d.rank, d.world_size, seed)
 
 
+def _peak_flops(runtime: RuntimeSettings, d: DistInfo, bf16: bool) -> float | None:
+    """One device's dense peak FLOP/s for the logged MFU: ``runtime.peak_tflops``, else a known bf16 GPU's."""
+    if runtime.peak_tflops is not None:
+        return runtime.peak_tflops * 1e12
+    if d.device.type == "cuda" and bf16:
+        return peak_bf16_flops(torch.cuda.get_device_name(d.device))
+    return None
+
+
 def train(
     config: str,
     deepspeed: str | None = None,
@@ -90,6 +100,7 @@ def train(
     tokenizer = load_tokenizer(model_s.path)
     dataset = DATASETS.build({"model_path": model_s.path, **cfg.train_dataset, "tokenizer": tokenizer})
     model = build_train_model(model_s, d.device)
+    flops = TrainingFlops(model)  # before DeepSpeed wraps or partitions it
     accum = _grad_accum(sched, d.world_size)
     base_dataset = dataset
     if loader_s.pack:  # micro_batch_size then counts packs (rows of several samples) per step
@@ -152,6 +163,7 @@ def train(
         keep_last=runtime.keep_last,
         log_interval=runtime.log_interval,
         max_skip_fraction=runtime.max_skip_fraction,
+        data_signature=_data_signature(base_dataset, dataset, sampler, loader_s, sched),
         meta={
             "config": find_config(config).stem,
             "model_path": model_s.path,
@@ -166,7 +178,9 @@ def train(
                 return collate_samples([sample], pad_token_id=pad_id).batch
         raise RuntimeError(f"none of the {len(base_dataset)} samples is usable; run `xtuner-vl check-data`")
 
-    trainer = Trainer(backend, make_loader, sampler, settings, d, work, first_usable_batch)
+    trainer = Trainer(
+        backend, make_loader, sampler, settings, d, work, first_usable_batch, flops, _peak_flops(runtime, d, bf16)
+    )
     resume_path = _resume_path(resume, trainer)
     if d.is_main:
         _print_plan(model, dataset, settings, d, accum, runtime, resume_path)
@@ -178,6 +192,23 @@ def train(
 
 def _method(s: ModelSettings) -> str:
     return "qlora" if s.quantize_llm else "lora" if (s.llm_lora_rank or s.vit_lora_rank) else "full"
+
+
+def _data_signature(base_dataset, dataset, sampler, loader: DataLoaderSettings, sched: ScheduleSettings) -> dict:
+    """What the order of the data depends on, beyond the seed and world size the sampler checks itself."""
+    signature = {
+        "samples": len(base_dataset),
+        "items": len(dataset),
+        "sampler": type(sampler).__name__,
+        "micro_batch_size": sched.micro_batch_size,
+        "pack": loader.pack,
+    }
+    if isinstance(sampler, LengthGroupedSampler):
+        signature["group_factor"] = loader.group_factor
+    if isinstance(dataset, PackedDataset):
+        signature.update(pack_length=dataset.pack_length, pack_max_tiles=dataset.max_tiles,
+                         pack_window=loader.pack_window, pack_headroom=loader.pack_headroom)
+    return signature
 
 
 def _resume_path(resume: str | None, trainer: Trainer) -> Path | None:

@@ -17,6 +17,7 @@ import torch
 
 from xtuner_vl.model.configuration import InternVLConfig
 from xtuner_vl.model.internvl import InternVLChatModel
+from xtuner_vl.model.loader import build_empty_model, materialize_buffers
 from xtuner_vl.model.saver import save_official
 from xtuner_vl.model.tokenizer import img_context_token_id, load_tokenizer
 from xtuner_vl.tiny.tokenizers import write_tiny_tokenizer
@@ -251,3 +252,19 @@ def make_tiny(
     generation = {"eos_token_id": sorted(set(eos)), "transformers_version": "4.37.2"}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
+
+
+def random_model(
+    config: InternVLConfig,
+    context_token_id: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+) -> InternVLChatModel:
+    """Any architecture (e.g. a shipped release config) with random weights straight on ``device``: for
+    benchmarks that need a real model's shape and no checkpoint. Same initialisation as :func:`make_tiny`."""
+    model = build_empty_model(config, context_token_id, attn_implementation).to_empty(device=device)
+    _randomize(model, seed)
+    materialize_buffers(model)
+    return model.to(dtype=dtype)
