@@ -1,6 +1,7 @@
 """Training-step time of the xtuner-vl trainer vs a bare PyTorch loop, same tiny model and same batch.
 
-Ours: ``Trainer._step`` (per step also ``set_group_lrs``) through ``TorchBackend``: forward of the
+Ours: ``Trainer._step`` (per step also ``set_group_lrs``; with the FLOP count for the logged MFU, as
+``xtuner-vl train`` runs it) through ``TorchBackend``: forward of the
 ``InternVLChatModel`` from ``load_internvl``, ``token_loss_sum`` normalised by the trained tokens, backward,
 ``clip_grad_norm_``, AdamW over the ``param_groups`` (per part, decay / no decay), ``zero_grad``.
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from xtuner_vl.dataset import CollatedBatch, InternVLDataset, collate_samples
 from xtuner_vl.engine.backend import set_group_lrs
 from xtuner_vl.engine.dist import DistInfo
+from xtuner_vl.engine.flops import TrainingFlops
 from xtuner_vl.engine.param_groups import param_groups
 from xtuner_vl.engine.torch_backend import TorchBackend
 from xtuner_vl.engine.trainer import Trainer, TrainerSettings
@@ -63,7 +65,8 @@ def make_ours(ckpt: Path, work_dir: Path, batch: Batch):
         total_steps=10**9, steps_per_epoch=10**9, grad_accum=1, micro_batch_size=1, lr=LR, warmup_steps=0
     )
     trainer = Trainer(
-        backend, lambda: iter(()), sampler=None, settings=settings, dist_info=dist_info, work_dir=work_dir
+        backend, lambda: iter(()), sampler=None, settings=settings, dist_info=dist_info, work_dir=work_dir,
+        flops=TrainingFlops(model),  # as `xtuner-vl train` sets it: the step also counts its FLOPs (MFU)
     )
     micro = [CollatedBatch(batch, [], batch.input_ids.shape[0])]  # one micro-step per optimizer step
     step = {"n": 0}

@@ -90,6 +90,5 @@ def test_resume_refuses_a_changed_data_order(train_assets, tmp_path):
                    cache=train_assets["cache"])
     assert proc.returncode != 0
     assert "cannot resume exactly" in proc.stderr and "pack_length: 2048 -> 3072" in proc.stderr, proc.stderr[-3000:]
-    # The same settings resume (and train on to the new last step).
-    run_cli(base + ["dataloader.pack_length=2048", "schedule.max_steps=4"], cache=train_assets["cache"])
-    assert sorted(logged_losses(work)) == [1, 2, 3, 4]
+    # (Unchanged settings resume: test_sigkill_in_checkpoint_write_and_mid_run_then_resume goes through the
+    # same check with the signature its checkpoints saved.)
