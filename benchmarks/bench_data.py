@@ -198,16 +198,12 @@ def official_sample(jpeg: bytes, tokenizer, transform, max_num: int):
 
 
 # ------------------------------------------------------------------------------------------------- ours
-def our_sample(jpeg: bytes, tokenizer, max_num: int):
-    """One xtuner-vl sample: ``load_image_tiles`` (decodes with ``load_image``) + ``tokenize_conversation``."""
-    pixels = load_image_tiles(io.BytesIO(jpeg), max_num=max_num)
-    ids, labels = tokenize_conversation(CONVERSATION, tokenizer, "internlm2-chat", NUM_IMAGE_TOKEN * len(pixels))
-    return pixels, ids, labels
+def our_sample(jpeg: bytes, tokenizer, max_num: int, native: bool = True):
+    """One xtuner-vl sample: ``load_image_tiles`` (decodes with ``load_image``) + ``tokenize_conversation``.
 
-
-def pillow_sample(jpeg: bytes, tokenizer, max_num: int):
-    """Our sample with Pillow doing the resizes (``native=False``), as where no C compiler is available."""
-    pixels = load_image_tiles(io.BytesIO(jpeg), max_num=max_num, native=False)
+    ``native=False``: Pillow does the resizes, as where no C compiler is available.
+    """
+    pixels = load_image_tiles(io.BytesIO(jpeg), max_num=max_num, native=native)
     ids, labels = tokenize_conversation(CONVERSATION, tokenizer, "internlm2-chat", NUM_IMAGE_TOKEN * len(pixels))
     return pixels, ids, labels
 
@@ -266,7 +262,7 @@ def check_identical(images: list[bytes], sizes, tokenizer, transform, max_num: i
     """Exit unless ours (native and Pillow resizes) and the official give equal pixels, ids and labels."""
     for size, jpeg in zip(sizes, images, strict=True):
         theirs = official_sample(jpeg, tokenizer, transform, max_num)
-        for got in (our_sample(jpeg, tokenizer, max_num), pillow_sample(jpeg, tokenizer, max_num)):
+        for got in (our_sample(jpeg, tokenizer, max_num), our_sample(jpeg, tokenizer, max_num, native=False)):
             if not torch.equal(got[0], theirs[0]):
                 raise SystemExit(f"{size}: pixel tensors differ")
             if not (torch.equal(got[1], theirs[1]) and torch.equal(got[2], theirs[2])):
@@ -301,7 +297,7 @@ def time_sizes(images: list[bytes], sizes, tokenizer, transform, max_num: int, r
                 lambda n=n_tok: tokenize_conversation(CONVERSATION, tokenizer, "internlm2-chat", n),
                 lambda n=n_tok: preprocess_internlm([[dict(c) for c in CONVERSATION]], tokenizer, [n]),
                 lambda jpeg=jpeg: our_sample(jpeg, tokenizer, max_num),
-                lambda jpeg=jpeg: pillow_sample(jpeg, tokenizer, max_num),
+                lambda jpeg=jpeg: our_sample(jpeg, tokenizer, max_num, native=False),
                 lambda jpeg=jpeg: official_sample(jpeg, tokenizer, transform, max_num),
             ],
             rounds,
@@ -360,7 +356,8 @@ def main() -> None:
     summarize(walls, cpus, len(images))
     if args.profile:
         profile("ours, whole sample", lambda: [our_sample(j, tokenizer, args.max_num) for j in images], 15)
-        profile("ours with Pillow resizes", lambda: [pillow_sample(j, tokenizer, args.max_num) for j in images], 15)
+        pillow = [lambda j=j: our_sample(j, tokenizer, args.max_num, native=False) for j in images]
+        profile("ours with Pillow resizes", lambda: [fn() for fn in pillow], 15)
         official = [lambda j=j: official_sample(j, tokenizer, transform, args.max_num) for j in images]
         profile("official-style, whole sample", lambda: [fn() for fn in official], 15)
     print(

@@ -288,16 +288,19 @@ def tiles_to_tensor(
     if not tiles:
         raise ValueError("tiles_to_tensor needs at least one tile")
     s = image_size
-    mean_t, std_t = _channel_tensors(mean, std)
     out = torch.empty((len(tiles), 3, s, s), dtype=torch.float32)
     resampler = native_resampler()
+    if resampler is not None:
+        table = _value_table(tuple(mean), tuple(std))
+    else:
+        mean_t, std_t = _channel_tensors(mean, std)
     for k, tile in enumerate(tiles):
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
         if resampler is not None:
             rgb = np.asarray(tile)
             rgb = rgb if tile.size == (s, s) else resampler.resize(rgb, (s, s))
-            resampler.tiles_into(rgb, 1, 1, _value_table(tuple(mean), tuple(std)), out[k : k + 1])
+            resampler.tiles_into(rgb, 1, 1, table, out[k : k + 1])
             continue
         if tile.size != (s, s):
             tile = tile.resize((s, s), Image.Resampling.BICUBIC)

@@ -17,9 +17,10 @@ sample of ``tokens`` tokens, ``tiles`` real tiles and ``trained`` trained tokens
 its norms, then its other submodules in registration order, then its own parameters (pre-norm blocks
 register their norms last; the ViT's class and position embeddings come after the patch convolution).
 Embeddings made to require grad (transformers' ``enable_input_require_grads``, which LoRA sets) count
-as trained. So a frozen ViT costs only its forward, and a frozen
-LLM under a trained ``mlp1`` still pays for its input gradients. ``tests/engine/test_flops.py`` checks
-the count against ``FlopCounterMode`` on real steps (full, LoRA, ViT LoRA, frozen projector).
+as trained. So a frozen ViT costs only its forward, and a frozen LLM under a trained ``mlp1`` still pays
+for its input gradients. ``tests/engine/test_flops.py`` checks the count against ``FlopCounterMode`` on
+real steps of seven methods (full, LoRA, ViT + LLM LoRA, frozen projector, frozen LLM, last ViT layer,
+head only).
 
 MFU here is these FLOPs per second of the real samples (padding and dummy tiles excluded) over the
 device's dense bf16 peak (:func:`peak_bf16_flops`).
