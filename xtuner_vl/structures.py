@@ -49,19 +49,42 @@ class Sample:
 
 @dataclass
 class Batch:
-    """A right-padded batch; tiles of all samples concatenated in sample order."""
+    """A right-padded batch; tiles of all samples concatenated in sample order.
+
+    Besides the padded tensors, collate computes on the CPU what the step would otherwise read back
+    from the device: sequence boundaries for variable-length attention, the trained positions and their
+    targets, the ``<IMG_CONTEXT>`` positions and the token counts. Positions are flat indices into the
+    ``[batch * seq]`` grid of ``input_ids``.
+    """
 
     input_ids: torch.Tensor  # [batch, seq]
     labels: torch.Tensor  # [batch, seq]
     attention_mask: torch.Tensor  # [batch, seq] 1 = real token
     pixel_values: torch.Tensor  # [tiles, 3, H, W]
-    image_flags: torch.Tensor  # [tiles]
-    position_ids: torch.Tensor | None = None  # [batch, seq]; restarts per sample when packed
+    image_flags: torch.Tensor  # [tiles]; stays on the host (see ``to``)
+    # [batch, seq]: restarting at 0 for every sample and for every row's padding tail. None: 0, 1, ...
+    position_ids: torch.Tensor | None = None
+    packed: bool = False  # rows hold several samples, which must attend only within themselves
+    # Variable-length attention: every sample and every padding tail of the flattened rows is a
+    # segment; cu_seqlens [segments + 1] int32 are their cumulative lengths, max_seqlen the longest.
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    loss_index: torch.Tensor | None = None  # flat positions t whose token t + 1 is trained, same sample
+    loss_targets: torch.Tensor | None = None  # the token ids t + 1 of loss_index
+    image_token_index: torch.Tensor | None = None  # flat positions of <IMG_CONTEXT>; None: found on device
+    num_tokens: int = 0  # real (unpadded) tokens
+    num_trained: int = 0  # == len(loss_index)
 
-    @property
-    def packed(self) -> bool:
-        """Packed rows attend within each sample only (block-diagonal, from ``position_ids``)."""
-        return self.position_ids is not None
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Tensors on ``device``; ``image_flags`` stays where it is, so the model can pick real tiles
+        without reading a device tensor back."""
+        moved = {
+            k: v.to(device, non_blocking=non_blocking)
+            for k, v in self.__dict__.items()
+            if isinstance(v, torch.Tensor) and k != "image_flags"
+        }
+        return Batch(**{**self.__dict__, **moved})
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader ``pin_memory=True``), for asynchronous host-to-device copies."""
+        return Batch(**{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from xtuner_vl.dataset import DistributedRandomSampler, InternVLDataset, collate_samples
 from xtuner_vl.dataset.packing import PackedDataset, best_fit_decreasing, pack_rows, plan_packs
-from xtuner_vl.engine.trainer import token_loss_sum
 from xtuner_vl.model import load_internvl, load_tokenizer
 from xtuner_vl.recipes.settings import DataLoaderSettings, ScheduleSettings, parse_section
 from xtuner_vl.structures import Sample
@@ -26,9 +25,9 @@ def _loss_and_grads(model, cb):
     model.zero_grad(set_to_none=True)
     b = cb.batch
     out = model(b.pixel_values, b.input_ids, attention_mask=None if b.packed else b.attention_mask,
-                image_flags=b.image_flags, position_ids=b.position_ids, use_cache=False)
-    n = int((b.labels[:, 1:] != -100).sum())
-    loss = token_loss_sum(out.logits, b.labels).float() / n
+                image_flags=b.image_flags, position_ids=b.position_ids, use_cache=False,
+                loss_index=b.loss_index, loss_targets=b.loss_targets)
+    loss = out.loss_sum.float() / b.num_trained
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 

@@ -10,7 +10,6 @@ from xtuner_vl.dataset import collate_samples
 from xtuner_vl.dataset.collate import PackedItem
 from xtuner_vl.dataset.packing import pack_rows
 from xtuner_vl.engine.flops import TrainingFlops, peak_bf16_flops, sample_shapes
-from xtuner_vl.engine.trainer import loss_positions, token_loss_sum
 from xtuner_vl.model import load_internvl
 from xtuner_vl.recipes.build_model import apply_method
 from xtuner_vl.recipes.settings import ModelSettings
@@ -31,9 +30,15 @@ def _sdpa_backward(grad_out, query, key, *args, out_shape=None, **kwargs) -> int
     return 8 * b * h * s * key[-2] * d
 
 
+def _addmm_inplace(accumulator, a, b, *args, out_shape=None, **kwargs) -> int:
+    # FlopCounterMode counts addmm but not its in-place form, which the loss uses to sum the head's gradient.
+    return 2 * a[0] * a[1] * b[1]
+
+
 CPU_SDPA = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+    aten.addmm_: _addmm_inplace,
 }
 
 
@@ -51,10 +56,11 @@ def _counted_step(model, tokens: int, tiles: int, prompt: int) -> tuple[float, t
     labels[0, :prompt] = IGNORE_INDEX
     size = model.config.image_size
     pixels, flags = torch.randn(tiles, 3, size, size, generator=gen), torch.ones(tiles, dtype=torch.long)
-    positions = loss_positions(labels)
+    index = (labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
-        out = model(pixel_values=pixels, input_ids=ids, image_flags=flags, use_cache=False, logits_to_keep=positions)
-        token_loss_sum(out.logits, labels, positions).backward()
+        out = model(pixel_values=pixels, input_ids=ids, image_flags=flags, use_cache=False, loss_index=index,
+                    loss_targets=labels[0, index + 1])
+        out.loss_sum.backward()
     return counter.get_total_flops(), sample_shapes(ids[0], labels[0], flags)
 
 

@@ -43,6 +43,11 @@ class CollatedBatch:
     num_samples: int = 0
     overflow_rows: int = 0  # packed rows beyond the plan (see PackedItem)
 
+    def pin_memory(self) -> CollatedBatch:
+        """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
+        batch = self.batch.pin_memory() if self.batch is not None else None
+        return CollatedBatch(batch, self.skipped, self.num_samples, self.overflow_rows)
+
 
 def _tiles(rows: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = torch.cat([r.pixel_values for r in rows])
@@ -53,21 +58,43 @@ def _tiles(rows: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels[:1], flags[:1]
 
 
-def _padded_positions(rows: list[Sample], length: int) -> torch.Tensor:
-    """Each row's position ids, its padding numbered as one more sequence (0, 1, ...) of its own."""
-    out = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = r.num_tokens
-        out[i, :n] = r.position_ids if r.position_ids is not None else torch.arange(n)
-        out[i, n:] = torch.arange(length - n)
-    return out
+def _segment_lengths(row: Sample, length: int) -> list[int]:
+    """Lengths of the attention segments of one padded row: each packed sample, then the padding tail."""
+    n = row.num_tokens
+    if row.position_ids is None:
+        segments = [n]
+    else:  # a packed sample starts where its position ids restart at 0
+        starts = (row.position_ids == 0).nonzero().flatten().tolist()
+        segments = [b - a for a, b in zip(starts, starts[1:] + [n], strict=True)]
+    return segments + ([length - n] if length > n else [])
 
 
-def collate_samples(items: list[Sample | SkippedSample | PackedItem], pad_token_id: int = 0) -> CollatedBatch:
+def _loss_index(labels: torch.Tensor, segment_starts: torch.Tensor) -> torch.Tensor:
+    """Flat positions ``t`` of ``[rows * seq]`` whose token ``t + 1`` is trained and in the same segment."""
+    flat = labels.reshape(-1)
+    nxt = torch.cat([flat[1:], flat.new_full((1,), IGNORE_INDEX)])
+    trained = nxt != IGNORE_INDEX
+    trained[segment_starts[1:] - 1] = False  # the last token of a segment predicts nothing in it
+    return trained.nonzero().flatten()
+
+
+def _positions_of(ids: torch.Tensor, token_id: int | None) -> torch.Tensor | None:
+    return None if token_id is None else (ids.view(-1) == token_id).nonzero()[:, 0]
+
+
+def collate_samples(
+    items: list[Sample | SkippedSample | PackedItem],
+    pad_token_id: int = 0,
+    img_context_token_id: int | None = None,
+    pixel_dtype: torch.dtype | None = None,
+) -> CollatedBatch:
     """Right-pad ``input_ids`` with ``pad_token_id`` and ``labels`` with IGNORE_INDEX; concatenate tiles.
 
-    ``PackedItem`` rows become batch rows with ``position_ids`` (restarting per sample), which makes the
-    model attend within each packed sample only.
+    ``PackedItem`` rows become batch rows whose samples attend only within themselves. Everything the
+    step needs to know about the batch (segment boundaries, trained positions and targets, image token
+    positions when ``img_context_token_id`` is given, token counts) is computed here on the CPU, so
+    the training step never reads a device tensor back. ``pixel_dtype`` casts the tiles (the compute
+    dtype: half the bytes to copy in bf16).
     """
     rows, skipped, overflow = [], [], 0
     for item in items:
@@ -88,8 +115,27 @@ def collate_samples(items: list[Sample | SkippedSample | PackedItem], pad_token_
     for i, r in enumerate(rows):
         n = r.num_tokens
         ids[i, :n], labels[i, :n], mask[i, :n] = r.input_ids, r.labels, 1
-    packed = any(r.position_ids is not None for r in rows)
+    segments = [s for r in rows for s in _segment_lengths(r, length)]
+    cu_seqlens = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    positions = torch.cat([torch.arange(s) for s in segments]).reshape(len(rows), length)
+    loss_index = _loss_index(labels, cu_seqlens.long())
     pixels, flags = _tiles(rows)
-    batch = Batch(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=pixels, image_flags=flags,
-                  position_ids=_padded_positions(rows, length) if packed else None)
+    if pixel_dtype is not None:
+        pixels = pixels.to(pixel_dtype)
+    batch = Batch(
+        input_ids=ids,
+        labels=labels,
+        attention_mask=mask,
+        pixel_values=pixels,
+        image_flags=flags,
+        position_ids=positions,
+        packed=any(r.position_ids is not None for r in rows),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max(segments),
+        loss_index=loss_index,
+        loss_targets=labels.reshape(-1)[loss_index + 1],
+        image_token_index=_positions_of(ids, img_context_token_id),
+        num_tokens=sum(r.num_tokens for r in rows),
+        num_trained=int(loss_index.numel()),
+    )
     return CollatedBatch(batch, skipped, sum(r.num_packed for r in rows), overflow)

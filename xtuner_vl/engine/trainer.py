@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from xtuner_vl.dataset.collate import CollatedBatch, SkippedSample
 from xtuner_vl.engine.backend import Backend, set_group_lrs
@@ -26,35 +25,9 @@ from xtuner_vl.engine.checkpoint_dir import CheckpointDir, rng_state, set_rng_st
 from xtuner_vl.engine.dist import DistInfo, all_reduce_sum, barrier
 from xtuner_vl.engine.flops import TrainingFlops
 from xtuner_vl.engine.metrics import MetricsLogger, peak_memory_gib
-from xtuner_vl.structures import IGNORE_INDEX, Batch
+from xtuner_vl.structures import Batch
 
-__all__ = ["Trainer", "TrainerSettings", "token_loss_sum"]
-
-
-def loss_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions whose next token is trained in some row: the only logits the loss needs.
-
-    Computing the vocabulary projection only there avoids full [batch, seq, vocab] logits for image and
-    prompt tokens (for InternVL most of the sequence).
-    """
-    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
-    return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not IGNORE_INDEX.
-
-    ``logits`` are for every position, or only for ``positions`` (see :func:`loss_positions`).
-    """
-    if positions is None:
-        logits, targets = logits[:, :-1], labels[:, 1:]
-    else:
-        targets = labels[:, 1:][:, positions]
-    keep = targets != IGNORE_INDEX
-    per_token = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
-    # Summed in float64: a float32 vector sum depends on buffer alignment (SIMD lanes), which differs
-    # between a run and its resumption; the float64 sum rounds back to the same float32 loss.
-    return per_token.double().sum()
+__all__ = ["Trainer", "TrainerSettings"]
 
 
 @dataclass
@@ -179,38 +152,42 @@ class Trainer:
         return self._fallback, 0.0
 
     def _step(self, micro: list[CollatedBatch]) -> dict[str, float]:
+        """One optimizer step. Every count comes from collate (host side); the device is read only at the
+        end, for the loss and norm of the log."""
         device = self.dist.device
-        trained = torch.tensor(
-            float(sum(int((cb.batch.labels[:, 1:] != IGNORE_INDEX).sum()) for cb in micro if cb.batch is not None)),
-            device=device,
-        )
+        inputs = [self._micro_inputs(cb) for cb in micro]
+        trained = torch.tensor(float(sum(b.num_trained for b, w in inputs if w)), device=device)
         n_global = all_reduce_sum(trained).clamp(min=1.0)
         loss_total, tokens, grad_norm = torch.zeros((), device=device, dtype=torch.float64), 0, None
         model_flops = 0.0
-        for i, cb in enumerate(micro):
+        for i, (batch, weight) in enumerate(inputs):
             boundary = i == len(micro) - 1
             self.backend.prepare_micro_step(boundary)
-            batch, weight = self._micro_inputs(cb)
             if self.flops is not None and weight:
                 model_flops += self.flops.of_batch(batch)  # from the CPU tensors: no device sync
-            batch = batch.to(device)
+            tokens += batch.num_tokens if weight else 0
+            batch = batch.to(device, non_blocking=True)
             out = self.backend.forward(
                 pixel_values=batch.pixel_values,
                 input_ids=batch.input_ids,
-                # packed rows: no padding mask; the model isolates samples from the restarting position ids
+                # packed rows: no padding mask; samples are kept apart by cu_seqlens (variable-length
+                # back-ends) or by the restarting position ids (a block mask, CPU)
                 attention_mask=None if batch.packed else batch.attention_mask,
-                image_flags=batch.image_flags,
                 position_ids=batch.position_ids,
+                image_flags=batch.image_flags,
+                cu_seqlens=batch.cu_seqlens,
+                max_seqlen=batch.max_seqlen,
+                image_token_index=batch.image_token_index,
+                loss_index=batch.loss_index,
+                loss_targets=batch.loss_targets,
                 use_cache=False,
-                logits_to_keep=(positions := loss_positions(batch.labels)),
             )
-            loss_sum = token_loss_sum(out.logits, batch.labels, positions) * weight
+            loss_sum = out.loss_sum * weight
             # Backends average gradients over ranks; multiplying by world size makes it a global sum.
             self.backend.backward((loss_sum * self.dist.world_size / n_global).float())
             norm = self.backend.step(boundary)
             grad_norm = norm if norm is not None else grad_norm
             loss_total += loss_sum.detach()
-            tokens += int(batch.attention_mask.sum()) if weight else 0
         loss = (all_reduce_sum(loss_total) / n_global).float()  # reported in float32
         return {
             "loss": float(loss),

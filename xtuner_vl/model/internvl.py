@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from xtuner_vl.model.attention import VARLEN_IMPLEMENTATIONS
 from xtuner_vl.model.configuration import InternVLConfig
 from xtuner_vl.model.intern_vit import InternVisionModel
 from xtuner_vl.model.llm import build_llm
@@ -35,11 +35,13 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v2
 
 @dataclass
 class InternVLOutput:
-    """``logits`` [batch, seq, vocab]; ``loss`` the mean cross-entropy over trained tokens (or None)."""
+    """``logits`` [batch, seq, vocab] (None in the training form); ``loss`` the mean cross-entropy over
+    trained tokens (or None)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     cache: Any = None
+    loss_sum: torch.Tensor | None = None  # float64 sum of the trained tokens' cross-entropy
 
 
 class InternVLChatModel(nn.Module):
@@ -93,35 +95,89 @@ class InternVLChatModel(nn.Module):
         return self.mlp1(vit.reshape(vit.shape[0], -1, vit.shape[-1]))
 
     def embed(
-        self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, image_flags: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        image_flags: torch.Tensor | None = None,
+        image_token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the ``<IMG_CONTEXT>`` positions replaced by the real tiles' features."""
+        """Token embeddings with the ``<IMG_CONTEXT>`` positions replaced by the real tiles' features.
+
+        ``image_flags`` on the CPU and ``image_token_index`` (flat positions of ``<IMG_CONTEXT>``, as
+        collate computes them) spare the device reads that finding them on the device takes.
+        """
         if self.img_context_token_id is None:
             raise ValueError("img_context_token_id is not set; pass it to load_internvl or set the attribute")
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        selected = input_ids == self.img_context_token_id
+        if image_token_index is None:
+            selected = input_ids == self.img_context_token_id
+            n_slots = int(selected.sum())
+        else:
+            selected, n_slots = None, image_token_index.numel()
         if pixel_values is None:
-            if selected.any():
-                raise ValueError(f"input_ids hold {int(selected.sum())} <IMG_CONTEXT> tokens but no pixel_values")
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} <IMG_CONTEXT> tokens but no pixel_values")
             return embeds
         vit = self.extract_feature(pixel_values)
-        flags = torch.ones(vit.shape[0], dtype=torch.long, device=vit.device) if image_flags is None else image_flags
-        flags = flags.reshape(-1)
-        if flags.numel() != vit.shape[0]:
-            raise ValueError(f"image_flags has {flags.numel()} entries for {vit.shape[0]} tiles")
-        real = vit[flags == 1]
-        n_slots, n_feats = int(selected.sum()), real.shape[0] * real.shape[1]
+        real, dummy = self._split_tiles(vit, image_flags)
+        n_feats = real.shape[0] * real.shape[1]
         if n_slots != n_feats:
             raise ValueError(
                 f"input_ids hold {n_slots} <IMG_CONTEXT> tokens but the {real.shape[0]} real tiles give {n_feats} "
                 f"features ({self.num_image_token} per tile); the prompt and the images disagree"
             )
+        feats = real.reshape(-1, real.shape[-1]).to(embeds.dtype)
+        if selected is None:
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_token_index, feats).view_as(embeds)
+        else:
+            embeds = embeds.clone()
+            embeds[selected] = feats
+        if dummy is None:
+            return embeds
         # Dummy tiles (flag 0) run through the ViT so every rank uses the same parameters (ZeRO-3,
         # DDP); adding their features times zero keeps them in the graph without changing values.
-        keep_in_graph = vit[flags != 1].sum() * 0.0
-        embeds = embeds.clone()
-        embeds[selected] = real.reshape(-1, real.shape[-1]).to(embeds.dtype)
-        return embeds + keep_in_graph.to(embeds.dtype)
+        return embeds + (dummy.sum() * 0.0).to(embeds.dtype)
+
+    @staticmethod
+    def _split_tiles(vit: torch.Tensor, image_flags: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(real tiles' features, dummy tiles' features or None)``; flags on the CPU cost no device read."""
+        if image_flags is None:
+            return vit, None
+        flags = image_flags.reshape(-1)
+        if flags.numel() != vit.shape[0]:
+            raise ValueError(f"image_flags has {flags.numel()} entries for {vit.shape[0]} tiles")
+        if flags.device.type != "cpu":
+            return vit[flags == 1], vit[flags != 1]
+        real = (flags == 1).nonzero().flatten()
+        if real.numel() == vit.shape[0]:
+            return vit, None
+        dummy = (flags != 1).nonzero().flatten()
+        return vit.index_select(0, real.to(vit.device)), vit.index_select(0, dummy.to(vit.device))
+
+    def _attention_inputs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> dict[str, Any]:
+        """What the LLM gets to keep samples apart (see :mod:`xtuner_vl.model.attention`).
+
+        Variable-length back-ends get the segment boundaries explicitly and no mask; the others get the
+        padding mask, or for packed rows (``attention_mask=None``) restarting ``position_ids``, from
+        which transformers builds a block-diagonal mask.
+        """
+        impl = self.language_model.config._attn_implementation
+        if cu_seqlens is not None and impl in VARLEN_IMPLEMENTATIONS:
+            return {
+                "attention_mask": None,
+                "position_ids": position_ids,
+                "cu_seq_lens_q": cu_seqlens,
+                "cu_seq_lens_k": cu_seqlens,
+                "max_length_q": max_seqlen,
+                "max_length_k": max_seqlen,
+            }
+        return {"attention_mask": attention_mask, "position_ids": position_ids}
 
     def forward(
         self,
@@ -131,16 +187,38 @@ class InternVLChatModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_flags: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        image_token_index: torch.Tensor | None = None,
+        loss_index: torch.Tensor | None = None,
+        loss_targets: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> InternVLOutput:
         """Official forward semantics: logits for every position; ``loss`` = mean next-token
-        cross-entropy over labels != -100 (0 with gradient when no position is trained)."""
-        embeds = self.embed(pixel_values, input_ids, image_flags)
-        out = self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
-        loss = None if labels is None else causal_lm_loss(out.logits, labels)
-        return InternVLOutput(logits=out.logits, loss=loss, cache=getattr(out, "cache", None))
+        cross-entropy over labels != -100 (0 with gradient when no position is trained).
+
+        Training form: with ``loss_index`` / ``loss_targets`` (flat trained positions and their next
+        tokens, from collate) no logits are returned, only ``loss_sum``, computed by the chunked fp32
+        loss on those positions alone (:mod:`xtuner_vl.model.loss`). ``cu_seqlens`` / ``max_seqlen`` are
+        the segment boundaries for the variable-length attention back-ends.
+        """
+        embeds = self.embed(pixel_values, input_ids, image_flags, image_token_index)
+        lm_inputs = {**self._attention_inputs(attention_mask, position_ids, cu_seqlens, max_seqlen), **kwargs}
+        lm = self.language_model
+        if loss_index is None and labels is None:
+            out = lm(inputs_embeds=embeds, **lm_inputs)
+            return InternVLOutput(logits=out.logits, cache=getattr(out, "cache", None))
+        hidden = lm.get_decoder()(inputs_embeds=embeds, **lm_inputs).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        head = lm.get_output_embeddings()
+        if loss_index is not None:
+            return InternVLOutput(logits=None, loss_sum=head(flat[loss_index], loss_targets))
+        index = (labels.reshape(-1)[1:] != IGNORE_INDEX).nonzero().flatten()
+        index = index[(index + 1) % labels.shape[1] != 0]  # a row's last token predicts no next row
+        loss_sum = head(flat[index], labels.reshape(-1)[index + 1])
+        loss = (loss_sum / max(index.numel(), 1)).float()
+        return InternVLOutput(logits=head(hidden), loss=loss, loss_sum=loss_sum)
 
     def gradient_checkpointing_enable(self, vit: bool = True, llm: bool = True) -> None:
         """Recompute ViT and/or LLM layer activations in backward instead of storing them."""
@@ -164,11 +242,3 @@ class InternVLChatModel(nn.Module):
         """Generate continuation ids (only the new tokens) for a prompt with spliced images."""
         embeds = self.embed(pixel_values, input_ids, image_flags)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of position t predicting label t+1, over labels != IGNORE_INDEX, in fp32."""
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (shift_labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from xtuner_vl.model.internlm2 import InternLM2ForCausalLM, internlm2_llama_config
+from xtuner_vl.model.loss import OutputHead
 
 __all__ = ["build_llm", "build_llm_config", "LORA_TARGETS"]
 
@@ -103,4 +104,7 @@ def build_llm(llm_config: dict[str, Any], attn_implementation: str = "sdpa") -> 
         "Qwen2ForCausalLM": Qwen2ForCausalLM,
         "LlamaForCausalLM": LlamaForCausalLM,
     }[cfg.architectures[0]]
-    return cls(cfg)
+    model = cls(cfg)
+    # The training loss runs inside the head's forward (see xtuner_vl.model.loss); same weights and keys.
+    OutputHead.adopt(model.get_output_embeddings())
+    return model
