@@ -54,23 +54,22 @@ from safetensors import safe_open
 
 from xtuner_vl.adapters import apply_lora
 from xtuner_vl.adapters.lora import merge_lora
-from xtuner_vl.checkpoint import ShardWriter, materialize, read_trained_checkpoint
+from xtuner_vl.checkpoint import materialize, read_trained_checkpoint
 from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.param_groups import param_groups
 from xtuner_vl.engine.torch_backend import TorchBackend
-from xtuner_vl.model import build_empty_model, load_internvl, read_config, save_official
-from xtuner_vl.model.saver import copy_support_files
+from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.weights import weight_files
 from xtuner_vl.recipes.config import load_config
 from xtuner_vl.recipes.convert import expected_trainable_model
 from xtuner_vl.recipes.settings import ModelSettings, OptimSettings, parse_section
 from xtuner_vl.tiny.checkpoints import make_tiny
 from xtuner_vl.tiny.data import make_synthetic_dataset
+from xtuner_vl.tiny.widened import write_widened_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny" / "tiny_internvl2_lora.py"
 GB = 1e9
-POOL = 1 << 24  # random values sliced into every generated tensor
 
 
 def cli(*args: str) -> list[str]:
@@ -80,22 +79,7 @@ def cli(*args: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ the inputs
 def write_base(tiny: Path, out: Path, llm: dict, shard_size: str, seed: int) -> None:
     """The tiny release's files with a full-size LLM config, weights written shard by shard."""
-    raw = json.loads((tiny / "config.json").read_text())
-    raw["llm_config"].update(llm)
-    out.mkdir(parents=True)
-    copy_support_files(tiny, out)
-    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    skeleton = build_empty_model(read_config(out), img_context_token_id=0)  # meta device: keys and shapes only
-    pool = torch.empty(POOL, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
-    writer = ShardWriter(out, shard_size)
-    for i, (key, meta) in enumerate(skeleton.state_dict().items()):
-        flat = torch.empty(meta.numel(), dtype=torch.bfloat16)
-        offset = (i * 7919) % (POOL // 2)
-        for start in range(0, flat.numel(), POOL // 2):
-            n = min(POOL // 2, flat.numel() - start)
-            flat[start : start + n] = pool[offset : offset + n]
-        writer.add(key, flat.view(meta.shape))
-    writer.finish()
+    write_widened_checkpoint(tiny, out, llm, shard_size, seed)
 
 
 def tiny_lora_run(tiny: Path, tmp: Path) -> Path:

@@ -2,7 +2,8 @@
 
 Ours: ``Trainer._step`` (per step also ``set_group_lrs``; with the FLOP count for the logged MFU, as
 ``xtuner-vl train`` runs it) through ``TorchBackend``: forward of the
-``InternVLChatModel`` from ``load_internvl``, ``token_loss_sum`` normalised by the trained tokens, backward,
+``InternVLChatModel`` from ``load_internvl`` with the chunked loss on the trained positions (``OutputHead``),
+normalised by the trained tokens, backward,
 ``clip_grad_norm_``, AdamW over the ``param_groups`` (per part, decay / no decay), ``zero_grad``.
 
 Bare: ``model(...).logits`` -> ``F.cross_entropy(ignore_index=-100)`` -> ``backward`` -> ``clip_grad_norm_``

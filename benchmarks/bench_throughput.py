@@ -31,10 +31,12 @@ measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,7 @@ from xtuner_vl.engine.param_groups import param_groups
 from xtuner_vl.engine.torch_backend import TorchBackend
 from xtuner_vl.engine.trainer import Trainer, TrainerSettings
 from xtuner_vl.model import load_internvl
+from xtuner_vl.model.attention import resolve_attn_implementation
 from xtuner_vl.model.releases import resolve_model_config
 from xtuner_vl.recipes.build_model import apply_method
 from xtuner_vl.recipes.config import load_config
@@ -95,6 +98,8 @@ def build_model(args, device: torch.device, dtype: torch.dtype, tmp: Path):
     """The model with the config's method applied, and a short description."""
     cfg = load_config(args.config)
     settings = parse_section(ModelSettings, cfg.get("model"), "model")
+    # The trainer's choice: a variable-length back-end on CUDA (flash-attn 2, else torch varlen_attn).
+    settings = replace(settings, attn_implementation=resolve_attn_implementation(settings.attn_implementation, device))
     if args.tiny:
         ckpt = make_tiny("internvl2-2b", tmp / "tiny")
         settings = replace(settings, path=str(ckpt))
@@ -158,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per layout")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per layout first")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.tiny:
         args.samples, args.max_patch, args.max_length = min(args.samples, 64), min(args.max_patch, 2), 1024
@@ -187,12 +193,15 @@ def main() -> None:
                                defaults.pack_window, defaults.pack_headroom)
         lengths, multimodal = dataset.length_stats()
         workers = 0 if args.tiny else 4
+        # As `xtuner-vl train` collates: host-side indices, tiles in the compute dtype, pinned batches.
+        collate = partial(collate_samples, img_context_token_id=model.img_context_token_id, pixel_dtype=dtype)
+        pin = device.type == "cuda"
         grouped = LengthGroupedSampler(lengths, multimodal, args.micro_batch, 0, 1, 0, defaults.group_factor)
         loaders = {
             "unpacked": DataLoader(dataset, batch_size=args.micro_batch, sampler=grouped, drop_last=True,
-                                   num_workers=workers, collate_fn=collate_samples),
+                                   num_workers=workers, collate_fn=collate, pin_memory=pin),
             "packed": DataLoader(packed, batch_size=args.rows, sampler=DistributedRandomSampler(len(packed), 0, 1, 0),
-                                 drop_last=True, num_workers=workers, collate_fn=collate_samples),
+                                 drop_last=True, num_workers=workers, collate_fn=collate, pin_memory=pin),
         }
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -217,6 +226,12 @@ def main() -> None:
         print(f"{layout:<9} {r['tokens_per_s']:>9.0f} {r['processed_per_s']:>11.0f} {r['real_fraction']:>9.3f} "
               f"{r['samples_per_s']:>9.2f} {r['step_ms']:>8.1f} {r['tflops']:>8.3g} {mfu} {r['peak_gib']:>8.2f}")
     u, p = results["unpacked"], results["packed"]
+    if args.json is not None:
+        for r in results.values():
+            r["mfu"] = r["tflops"] * 1e12 / peak if peak else None
+            r["peak_gib"] = None if r["peak_gib"] != r["peak_gib"] else r["peak_gib"]  # NaN (CPU): unknown
+        meta = {"model": name, "device": gpu, "dtype": str(dtype), "attention": attn, "config": args.config}
+        args.json.write_text(json.dumps({**meta, "layouts": results}, indent=2))
     print(
         f"RATIO train_tokens_per_s packed/unpacked = {p['tokens_per_s'] / u['tokens_per_s']:.2f}x "
         f"(packed {p['tokens_per_s']:.0f}, unpacked {u['tokens_per_s']:.0f} real tokens/s"

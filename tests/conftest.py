@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,3 +30,14 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves ``os.environ`` as it found it. An in-process ``init_distributed`` fills the rendezvous
+    variables in, and a leaked LOCAL_RANK would make every later ``xtuner-vl train`` skip torchrun. Autouse,
+    so set up before and torn down after ``monkeypatch``."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

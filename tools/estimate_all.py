@@ -34,9 +34,10 @@ def _row(e: Estimate) -> str:
     state = dict(e.states)[e.selected]
     ckpt = f"{e.total(state, True) / GiB:.1f}" if state is not None else "n/a"
     no_ckpt = f"{e.total(state, False) / GiB:.1f}" if state is not None else "n/a"
+    load = f"{state.load / GiB:.1f}" if state is not None else "n/a"
     return (
         f"| {e.config} | {_count(total.total)} | {_count(total.trainable)} | {e.selected.label} "
-        f"| {e.workload.micro_batch} | {ckpt} | {no_ckpt} |"
+        f"| {e.workload.micro_batch} | {ckpt} | {no_ckpt} | {load} |"
     )
 
 
@@ -55,10 +56,12 @@ def render(gpus: int, tiny_dir: Path) -> str:
         "GiB per GPU for the marked backend, with and without gradient checkpointing (the configs turn it on).",
         "Model states, activations and the loss's logits buffer; not CUDA context, communication buckets or",
         "allocator fragmentation (leave a few GiB). The formulas and their assumptions are in the notes of",
-        "each report and in `xtuner_vl/engine/memory_estimate.py`.",
+        "each report and in `xtuner_vl/engine/memory_estimate.py`. Load GiB: the peak per GPU while the checkpoint",
+        "is read, before training (ZeRO-3 partitions each weight as it is read; QLoRA quantizes each LLM linear",
+        "as it is read; otherwise every GPU loads the whole model).",
         "",
-        "| config | params | trainable | backend | micro-batch | GiB + ckpt | GiB no ckpt |",
-        "|---|---|---|---|---|---|---|",
+        "| config | params | trainable | backend | micro-batch | GiB + ckpt | GiB no ckpt | load GiB |",
+        "|---|---|---|---|---|---|---|---|",
         *(_row(e) for e in estimates),
         "",
         "## Reports",

@@ -41,6 +41,12 @@ class Sample:
     tiles_reduced: bool = False  # tiles were cut below the budget to fit max_length
     position_ids: torch.Tensor | None = None  # [seq]; set on packed rows (restarts at 0 per sample)
     num_packed: int = 1  # samples in this row (packed rows hold several)
+    packed_indices: tuple[int, ...] = ()  # dataset indices of a packed row's samples
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """Dataset indices of the samples in this sample (or packed row)."""
+        return self.packed_indices or (self.index,)
 
     @property
     def num_tokens(self) -> int:

@@ -15,6 +15,7 @@ from xtuner_vl.tiny.data import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny" / "tiny_internvl2_lora.py"
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
@@ -46,7 +47,9 @@ def run_cli(
     check: bool = True,
     cache: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # A fresh command: no launcher variables from this process (a launcher is asked for through ``env``).
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", **(env or {})}
     if cache is not None:
         full_env["XTUNER_VL_CACHE"] = str(cache)
     proc = subprocess.run(

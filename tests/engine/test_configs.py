@@ -28,6 +28,8 @@ FAMILY = {
     "internlm2": "internvl2-2b",
     "phi3": "internvl2-4b",
     "qwen2": "internvl2-1b",
+    "yi_40b": "internvl2-40b",  # Llama architecture + InternViT-6B
+    "llama3_76b": "internvl2-40b",
 }
 
 
@@ -39,7 +41,15 @@ def test_config_tree_is_complete():
     names = set(CONFIGS)
     for version, models in {
         "internvl_v1_5": ["internlm2_2b", "phi3_4b", "internlm2_26b"],
-        "internvl_v2": ["qwen2_1b", "internlm2_2b", "phi3_4b", "internlm2_5_8b", "internlm2_26b"],
+        "internvl_v2": [
+            "qwen2_1b",
+            "internlm2_2b",
+            "phi3_4b",
+            "internlm2_5_8b",
+            "internlm2_26b",
+            "yi_40b",
+            "llama3_76b",
+        ],
     }.items():
         for model in models:
             for method in ("full", "lora", "qlora"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from xtuner_vl.model import load_internvl
 from xtuner_vl.model.configuration import read_config
 from xtuner_vl.model.loader import build_empty_model
 from xtuner_vl.model.releases import release_config, release_names, resolve_model_config
-from xtuner_vl.recipes.build_model import apply_method
+from xtuner_vl.recipes.build_model import apply_method, build_train_model
 from xtuner_vl.recipes.config import list_configs
 from xtuner_vl.recipes.estimate import estimate, layer_spec
 from xtuner_vl.recipes.settings import ModelSettings
@@ -141,11 +142,50 @@ def test_full_finetune_states_in_report(tiny_ckpt):
     e = estimate(TINY.format("full"), gpus=2, cfg_options={**_opts(path), "model.dtype": "bf16"})
     counts = hand_count(path)
     trained, vit = counts["mlp1"] + counts["language_model"], counts["vision_model"]
-    states = {z.stage: s for z, s in e.states if not z.offload_optimizer}
+    states = {z.stage: replace(s, load=0) for z, s in e.states if not z.offload_optimizer}  # load: tested below
     assert states[0] == me.StateMemory(4 * trained + 2 * vit, 8 * trained, 8 * trained)
     assert states[1] == me.StateMemory(2 * trained + 2 * vit, 2 * trained, 12 * trained // 2)
     assert states[2] == me.StateMemory(2 * trained + 2 * vit, 2 * trained // 2, 12 * trained // 2)
     assert e.selected == me.ZeroSetup(0)  # the tiny config runs without DeepSpeed
+
+
+# -- load peak ----------------------------------------------------------------------------------------
+def test_load_peak_by_hand():
+    """ZeRO-3: 1/n of the base weights + the largest parameter whole; QLoRA: + the largest quantized linear in
+    the load dtype; otherwise the whole model on every GPU."""
+    p = me.ParamBytes(1000, 500, 100, 60, base_bytes=4000, largest_param=300)
+    n = 4
+    assert me.load_bytes(p, me.ZeroSetup(0), n) == me.load_bytes(p, me.ZeroSetup(2), n) == 4000
+    assert me.load_bytes(p, me.ZeroSetup(3), n) == 4000 // n + 2 * 300
+    assert me.load_bytes(p, me.ZeroSetup(3, True, True), n) == 2 * 300  # partitions go to the CPU as they are made
+    assert me.load_bytes(p, me.ZeroSetup(3), n, bf16=False) == 4000 // n + 4 * 300
+    q = me.ParamBytes(1000, 500, 100, 60, base_bytes=2500, largest_param=300, largest_quantized=200)
+    assert me.load_bytes(q, me.ZeroSetup(2), n) == 2500 + 2 * 200
+    assert me.model_state_bytes(p, me.ZeroSetup(3), n).load == 4000 // n + 600  # carried beside the step's states
+
+
+def test_load_peak_in_report_matches_the_models(tiny_ckpt, capsys):
+    pytest.importorskip("bitsandbytes")
+    path = tiny_ckpt("internvl2-2b")
+    opts = {**_opts(path), "model.dtype": "bf16"}
+    loaded = load_internvl(path, dtype=torch.bfloat16)
+    base, largest = sum(2 * p.numel() for p in loaded.parameters()), max(p.numel() for p in loaded.parameters())
+    full = dict(estimate(TINY.format("full"), gpus=2, cfg_options=opts).states)
+    assert full[me.ZeroSetup(3)].load == base // 2 + 2 * largest
+    assert full[me.ZeroSetup(0)].load == full[me.ZeroSetup(2)].load == base
+    # QLoRA: the nf4 model (as build_train_model quantizes it while loading) + its largest linear in bf16
+    s = ModelSettings(path=str(path), dtype="bf16", llm_lora_rank=8, quantize_llm=True)
+    real = build_train_model(s, torch.device("cpu"))
+    packed = [p.quant_state.shape.numel() for p in real.parameters() if p.dtype == torch.uint8]
+    others = sum(p.numel() for n, p in real.named_parameters() if p.dtype != torch.uint8 and "lora_" not in n)
+    qlora = dict(estimate(TINY.format("qlora"), gpus=2, cfg_options=opts).states)
+    assert qlora[me.ZeroSetup(1)].load == sum(map(me.nf4_bytes, packed)) + 2 * others + 2 * max(packed)
+    assert (
+        main(["estimate", TINY.format("qlora"), "--gpus", "2", "--cfg-options", *[f"{k}={v}" for k, v in opts.items()]])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "load peak" in out and "loading peaks at" in out and f"({max(packed):,} params)" in out
 
 
 # -- activations --------------------------------------------------------------------------------------

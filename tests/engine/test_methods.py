@@ -8,6 +8,7 @@ import torch
 from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.param_groups import param_groups
 from xtuner_vl.engine.torch_backend import TorchBackend
+from xtuner_vl.model.loss import OutputHead
 from xtuner_vl.recipes.build_model import build_train_model
 from xtuner_vl.recipes.settings import ModelSettings
 
@@ -43,7 +44,7 @@ def test_qlora_quantizes_llm_linears_only(tiny_ckpt):
     kinds = {type(m).__name__ for m in model.language_model.modules()}
     assert "Linear4bit" in kinds
     head = model.language_model.get_output_embeddings()
-    assert type(head) is torch.nn.Linear
+    assert type(head) is OutputHead and head.weight.dtype.is_floating_point  # the head stays unquantized
     assert not any(type(m).__name__ == "Linear4bit" for m in (*model.vision_model.modules(), *model.mlp1.modules()))
     pixels, ids = torch.randn(1, 3, 448, 448), torch.randint(20, 300, (1, 300))
     ids[0, 2:258] = model.img_context_token_id

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from tests.engine.conftest import cli_args, free_port, logged_losses, run_cli
 
@@ -34,6 +36,9 @@ def test_two_process_deepspeed_run_learns(train_assets, tmp_path, stage):
     final = work / "checkpoints" / "step-00000018"
     assert (final / "COMPLETE").is_file() and (final / "engine").is_dir()
     assert json.loads((final / "meta.json").read_text())["deepspeed"] == stage
+    # Each rank trained with its own RNG stream (dropout / drop-path masks), seeded once the model was built.
+    rng = [torch.load(final / f"trainer_state_rank{r}.pt", weights_only=False)["rng"] for r in (0, 1)]
+    assert rng[0]["python"] != rng[1]["python"] and not np.array_equal(rng[0]["numpy"][1], rng[1]["numpy"][1])
     assert (work / "tiny_internvl2_lora.py").is_file() and (work / "loss_curve.png").is_file()
 
 
@@ -95,8 +100,10 @@ def test_run_stops_when_too_many_samples_are_unusable(train_assets, tmp_path):
     good = train_assets["data"].read_text().splitlines()
     lines = [ln if i % 4 else '{"conversations": []}' for i, ln in enumerate(good * 5)]  # 25% unusable
     bad.write_text("\n".join(lines) + "\n")
-    args = cli_args(train_assets, tmp_path / "w") + [f"train_dataset.data_paths=['{bad}']",
-                                                      "runtime.max_skip_fraction=0.1"]
+    args = cli_args(train_assets, tmp_path / "w") + [
+        f"train_dataset.data_paths=['{bad}']",
+        "runtime.max_skip_fraction=0.1",
+    ]
     proc = run_cli(args, check=False, cache=train_assets["cache"])
     assert proc.returncode != 0
     assert "skipped sample" in proc.stdout + proc.stderr and "bad.jsonl:" in proc.stdout + proc.stderr
@@ -107,10 +114,21 @@ def test_packed_zero3_run_with_accumulation(train_assets, tmp_path):
     """Packing under ZeRO-3 with gradient accumulation: rows of several samples, loss still falls."""
     work = tmp_path / "packed"
     env = {"NPROC_PER_NODE": "2", "PORT": str(free_port())}
-    out = run_cli(cli_args(train_assets, work, "--deepspeed", "zero3")
-                  + ["dataloader.pack=True", "dataloader.pack_max_tiles=12", "train_dataset.max_length=1536",
-                     "schedule.global_batch_size=4", "schedule.micro_batch_size=1", "schedule.epochs=6",
-                     "runtime.save_steps=1000", "runtime.peak_tflops=0.01"], env=env, cache=train_assets["cache"])
+    out = run_cli(
+        cli_args(train_assets, work, "--deepspeed", "zero3")
+        + [
+            "dataloader.pack=True",
+            "dataloader.pack_max_tiles=12",
+            "train_dataset.max_length=1536",
+            "schedule.global_batch_size=4",
+            "schedule.micro_batch_size=1",
+            "schedule.epochs=6",
+            "runtime.save_steps=1000",
+            "runtime.peak_tflops=0.01",
+        ],
+        env=env,
+        cache=train_assets["cache"],
+    )
     assert "packs" in out.stdout and "accum 2" in out.stdout
     losses = logged_losses(work)
     assert len(losses) >= 6 and _falls(losses), losses

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,8 +90,9 @@ def test_malicious_pickle_is_refused(tiny_ckpt, tmp_path, monkeypatch):
     (d / "model.safetensors").unlink()
     torch.save({"x": _Evil()}, d / "pytorch_model.bin")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+    with pytest.raises(ValueError, match="refused to load: the pickle holds more than tensors") as refused:
         load_internvl(d)
+    assert "False" not in str(refused.value)  # torch's advice to turn weights_only off is not repeated
     assert not (tmp_path / "PWNED_BIN").exists()
 
 
@@ -147,3 +152,53 @@ def test_dtype_and_missing_files(tiny_ckpt, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_internvl(tmp_path)
+
+
+def _sharded(tiny_ckpt, tmp_path) -> Path:
+    d = tmp_path / "sharded"
+    model = load_internvl(tiny_ckpt("internvl2-2b"), dtype=torch.float32)
+    save_official(model, d, source_dir=tiny_ckpt("internvl2-2b"), max_shard_size="200KB")
+    assert (d / "model.safetensors.index.json").is_file()
+    return d
+
+
+@pytest.mark.parametrize("escape", ["relative", "absolute", "symlink"])
+def test_index_entries_must_stay_inside_the_model_directory(tiny_ckpt, tmp_path, escape):
+    d = _sharded(tiny_ckpt, tmp_path)
+    index_path = d / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    victim = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "elsewhere" / victim
+    outside.parent.mkdir()
+    shutil.move(d / victim, outside)  # a real safetensors file, so only the location is wrong
+    if escape == "symlink":
+        (d / victim).symlink_to(outside)
+    else:
+        name = os.path.relpath(outside, d) if escape == "relative" else str(outside)
+        index["weight_map"] = {k: (name if v == victim else v) for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weight_map entry .* points outside the model directory"):
+        load_internvl(d)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xtuner_vl.cli.main", "chat", str(d), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("xtuner-vl chat: error: ") and "points outside" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hugging_face_cache_snapshots_still_load(tiny_ckpt, tmp_path):
+    """A hub cache snapshot links each file into the repository's blobs/: that is not an escape."""
+    d = _sharded(tiny_ckpt, tmp_path)
+    repo = tmp_path / "models--x--y"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in d.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    load_internvl(snapshot, dtype=torch.float32)

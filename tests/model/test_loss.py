@@ -17,7 +17,9 @@ from xtuner_vl.structures import IGNORE_INDEX, Sample
 def _reference_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy summed over labels != -100, from full logits (the official shift)."""
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
@@ -42,8 +44,15 @@ def test_training_form_equals_full_logits(tiny_ckpt, family):
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    out = model(b.pixel_values, b.input_ids, attention_mask=b.attention_mask, image_flags=b.image_flags,
-                image_token_index=b.image_token_index, loss_index=b.loss_index, loss_targets=b.loss_targets)
+    out = model(
+        b.pixel_values,
+        b.input_ids,
+        attention_mask=b.attention_mask,
+        image_flags=b.image_flags,
+        image_token_index=b.image_token_index,
+        loss_index=b.loss_index,
+        loss_targets=b.loss_targets,
+    )
     assert out.logits is None and out.loss_sum.dtype == torch.float64
     torch.testing.assert_close(out.loss_sum.float(), ref, rtol=1e-6, atol=1e-5)
     out.loss_sum.backward()
@@ -52,8 +61,9 @@ def test_training_form_equals_full_logits(tiny_ckpt, family):
             torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)
     # The official form (labels=) goes through the same loss.
     model.zero_grad(set_to_none=True)
-    official = model(b.pixel_values, b.input_ids, attention_mask=b.attention_mask, image_flags=b.image_flags,
-                     labels=b.labels)
+    official = model(
+        b.pixel_values, b.input_ids, attention_mask=b.attention_mask, image_flags=b.image_flags, labels=b.labels
+    )
     torch.testing.assert_close(official.loss, ref / 40, rtol=1e-6, atol=1e-6)
 
 

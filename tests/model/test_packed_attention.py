@@ -31,7 +31,11 @@ def _varlen_standin(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, wi
     varlen_calls.append((len(bounds) - 1, max_q))
     parts = [
         F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale,
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
             enable_gqa=enable_gqa,
         ).transpose(0, 1)
         for a, b in zip(bounds, bounds[1:], strict=False)
@@ -45,8 +49,13 @@ def samples(tiny_ckpt, tmp_path_factory) -> dict[str, list[Sample]]:
     out = {}
     for family in ("internvl2-2b", "internvl2-1b"):
         path = tiny_ckpt(family)
-        ds = InternVLDataset(data_paths=[str(data)], tokenizer=load_tokenizer(path), image_folders=[str(images)],
-                             model_path=path, max_dynamic_patch=2)
+        ds = InternVLDataset(
+            data_paths=[str(data)],
+            tokenizer=load_tokenizer(path),
+            image_folders=[str(images)],
+            model_path=path,
+            max_dynamic_patch=2,
+        )
         out[family] = [ds[i] for i in range(6)]
     return out
 
@@ -68,8 +77,13 @@ def _run(model, cb, **drop):
     model.zero_grad(set_to_none=True)
     b = cb.batch
     inputs = dict(
-        attention_mask=None if b.packed else b.attention_mask, position_ids=b.position_ids, image_flags=b.image_flags,
-        cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, image_token_index=b.image_token_index, use_cache=False,
+        attention_mask=None if b.packed else b.attention_mask,
+        position_ids=b.position_ids,
+        image_flags=b.image_flags,
+        cu_seqlens=b.cu_seqlens,
+        max_seqlen=b.max_seqlen,
+        image_token_index=b.image_token_index,
+        use_cache=False,
     )
     inputs.update(drop)
     logits = model(b.pixel_values, b.input_ids, **inputs).logits
@@ -115,7 +129,10 @@ def test_packed_rows_equal_unpacked(tiny_ckpt, samples, backend, family):
         # The check above can fail: without the boundaries, transformers runs plain causal attention
         # over several rows, and the second sample of a row sees the first.
         logits_x, _, _ = _run(model, packed, cu_seqlens=None, max_seqlen=None)
-        diffs = [(a - b).abs().max() for a, b in zip(_sample_logits(packed, logits_x), _sample_logits(unpacked, logits_u), strict=True)]
+        diffs = [
+            (a - b).abs().max()
+            for a, b in zip(_sample_logits(packed, logits_x), _sample_logits(unpacked, logits_u), strict=True)
+        ]
         assert max(diffs) > 1e-2
 
 

@@ -20,11 +20,18 @@ def apply_freeze(
     ``unfreeze_vit_layers`` > 0 trains the last N ViT layers even when ``freeze_vit``;
     ``unfreeze_lm_head`` trains the output head even when ``freeze_llm``.
     """
-    model.vision_model.requires_grad_(not freeze_vit)
-    model.mlp1.requires_grad_(not freeze_mlp)
-    model.language_model.requires_grad_(not freeze_llm)
+    _requires_grad(model.vision_model, not freeze_vit)
+    _requires_grad(model.mlp1, not freeze_mlp)
+    _requires_grad(model.language_model, not freeze_llm)
     if unfreeze_vit_layers:
         for layer in model.vision_model.encoder.layers[-unfreeze_vit_layers:]:
-            layer.requires_grad_(True)
+            _requires_grad(layer, True)
     if unfreeze_lm_head:
-        model.language_model.get_output_embeddings().requires_grad_(True)
+        _requires_grad(model.language_model.get_output_embeddings(), True)
+
+
+def _requires_grad(module: nn.Module, flag: bool) -> None:
+    # 4-bit weights quantized while loading (QLoRA) are integer tensors, which cannot require grad.
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(flag)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from xtuner_vl.engine.checkpoint_dir import CheckpointDir
+from xtuner_vl.engine.checkpoint_dir import MANIFEST, CheckpointDir, manifest_of, verify_files
 
-__all__ = ["CheckpointError", "TrainedCheckpoint", "read_trained_checkpoint", "materialize"]
+__all__ = ["CheckpointError", "TrainedCheckpoint", "read_trained_checkpoint", "materialize", "nonfinite_tensors"]
 
 _TORCH_FILE = "torch_backend.pt"
 _DS_TAG = "engine"
@@ -58,13 +58,25 @@ def materialize(value: Any) -> torch.Tensor:
 def _step_dir(path: Path) -> Path:
     """The step directory behind ``path`` (work dir -> newest complete checkpoint)."""
     if path.is_dir() and (path / "checkpoints").is_dir():
-        latest = CheckpointDir(path).latest()
-        if latest is None:
+        complete = CheckpointDir(path).complete()
+        if not complete:
             raise CheckpointError(f"{path}: work dir without a complete checkpoint under checkpoints/")
-        return latest
+        for step in reversed(complete):  # the newest that verifies
+            if (reason := _verify(step)) is None:
+                return step
+            print(f"skipping {step}: fails verification ({reason})", flush=True)
+        raise CheckpointError(f"{path}: no checkpoint under checkpoints/ verifies against its {MANIFEST}")
     if path.is_dir() and path.name == _DS_TAG and (path.parent / "meta.json").is_file():
         return path.parent
     return path
+
+
+def _verify(step: Path) -> str | None:
+    try:
+        manifest = manifest_of(step)
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    return None if manifest is None else verify_files(step, manifest, sorted(manifest))
 
 
 def _load_deepspeed(step: Path) -> dict[str, Any]:
@@ -94,6 +106,8 @@ def read_trained_checkpoint(path: str | os.PathLike) -> TrainedCheckpoint:
         return TrainedCheckpoint(step, meta, state, "torch")
     if (step / "meta.json").is_file() and not (step / "COMPLETE").is_file():
         raise CheckpointError(f"{step}: checkpoint has no COMPLETE marker (its save was interrupted)")
+    if (step / "COMPLETE").is_file() and (reason := _verify(step)) is not None:
+        raise CheckpointError(f"{step}: the checkpoint fails verification ({reason})")
     meta = json.loads((step / "meta.json").read_text()) if (step / "meta.json").is_file() else {}
     if (step / _TORCH_FILE).is_file():
         state = torch.load(step / _TORCH_FILE, map_location="cpu", weights_only=True, mmap=True)["model"]
@@ -104,3 +118,13 @@ def read_trained_checkpoint(path: str | os.PathLike) -> TrainedCheckpoint:
         f"{given}: not a training checkpoint (expected a work dir, a step-XXXXXXXX directory with "
         f"{_TORCH_FILE} or {_DS_TAG}/, or a {_TORCH_FILE} file)"
     )
+
+
+def nonfinite_tensors(ckpt: TrainedCheckpoint) -> list[tuple[str, int]]:
+    """``(name, count)`` of the trained tensors holding inf/NaN (each tensor read once)."""
+    bad = []
+    for name, value in ckpt.state.items():
+        tensor = materialize(value)
+        if tensor.is_floating_point() and (count := int((~torch.isfinite(tensor)).sum())):
+            bad.append((name, count))
+    return bad

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,16 +30,22 @@ def _train(args: argparse.Namespace) -> int:
 
     if needs_torchrun():
         return relaunch_with_torchrun(sys.argv[1:] if args.argv is None else args.argv)
+    from xtuner_vl.engine.preemption import TrainingStopped
     from xtuner_vl.recipes.train import exit_after_distributed_run, train
 
-    train(
-        args.config,
-        deepspeed=args.deepspeed,
-        work_dir=args.work_dir,
-        resume=args.resume,
-        cfg_options=args.cfg_options,
-        seed=args.seed,
-    )
+    try:
+        train(
+            args.config,
+            deepspeed=args.deepspeed,
+            work_dir=args.work_dir,
+            resume=args.resume,
+            cfg_options=args.cfg_options,
+            seed=args.seed,
+            allow_data_change=args.allow_data_change,
+        )
+    except TrainingStopped as stopped:  # saved on SIGTERM / SIGINT / SIGUSR1: a status of its own
+        exit_after_distributed_run(stopped.exit_code)
+        return stopped.exit_code
     exit_after_distributed_run()
     return 0
 
@@ -78,8 +85,9 @@ def _estimate(args: argparse.Namespace) -> int:
     from xtuner_vl.recipes.estimate_report import estimate_to_dict, format_estimate
 
     try:
-        e = estimate(args.config, args.gpus, args.deepspeed, args.micro_batch_size, args.cfg_options,
-                     args.trained_tokens)
+        e = estimate(
+            args.config, args.gpus, args.deepspeed, args.micro_batch_size, args.cfg_options, args.trained_tokens
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"xtuner-vl estimate: error: {err}", file=sys.stderr)
         return 1
@@ -112,6 +120,7 @@ def _convert(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             cfg_options=args.cfg_options,
             trust_base=args.trust_base,
+            allow_nonfinite=args.allow_nonfinite,
         )
     except CheckpointError as e:
         print(f"xtuner-vl convert: error: {e}", file=sys.stderr)
@@ -124,8 +133,15 @@ def _chat(args: argparse.Namespace) -> int:
     from xtuner_vl.recipes.chat import chat
 
     try:
-        chat(args.model_dir, args.image, args.video, args.prompt, args.max_new_tokens, args.num_frames,
-             prompt_log=args.prompt_log)
+        chat(
+            args.model_dir,
+            args.image,
+            args.video,
+            args.prompt,
+            args.max_new_tokens,
+            args.num_frames,
+            prompt_log=args.prompt_log,
+        )
     except ValueError as e:  # unreadable image / video, <image> placeholders that do not match the inputs
         print(f"xtuner-vl chat: error: {e}", file=sys.stderr)
         return 1
@@ -148,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="auto (newest complete checkpoint) or a checkpoint path")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key=value overrides")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: accept annotation files whose content changed since the checkpoint",
+    )
     p.set_defaults(func=_train, argv=None)
 
     p = sub.add_parser("check-data", help="validate every record of the config's data sources")
@@ -203,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: the base's torch_dtype")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--trust-base", action="store_true", help="accept a base path other than meta.json's")
+    p.add_argument("--allow-nonfinite", action="store_true", help="export trained weights that hold inf/NaN")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key=value overrides")
     p.set_defaults(func=_convert)
 
@@ -211,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     p.add_argument("--video", default=None, help="a video file or a folder of frames")
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video")
-    p.add_argument("--prompt", default=None, help="one question, answer, exit (default: interactive; "
-                   "exit/quit/EOF end, /reset clears the history)")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="one question, answer, exit (default: interactive; exit/quit/EOF end, /reset clears the history)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--prompt-log", default=None, help="append each turn's prompt, token ids and answer (JSON lines)")
     p.set_defaults(func=_chat)
@@ -237,7 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train" and argv is not None:
         args.argv = list(argv)
-    return args.func(args)
+    if args.command not in ("train", "convert", "chat") or os.environ.get("XTUNER_VL_DEBUG") == "1":
+        return args.func(args)
+    from xtuner_vl.engine.preemption import TrainingAborted
+
+    try:
+        return args.func(args)
+    except (OSError, ValueError, TrainingAborted) as e:
+        # A bad model directory, config, checkpoint or a run stopped on purpose: the message says what and where;
+        # a traceback would bury it (XTUNER_VL_DEBUG=1 shows it).
+        print(f"xtuner-vl {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,11 +42,12 @@ class CollatedBatch:
     skipped: list[SkippedSample] = field(default_factory=list)
     num_samples: int = 0
     overflow_rows: int = 0  # packed rows beyond the plan (see PackedItem)
+    sample_indices: list[int] = field(default_factory=list)  # dataset indices of the batch's samples
 
     def pin_memory(self) -> CollatedBatch:
         """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
         batch = self.batch.pin_memory() if self.batch is not None else None
-        return CollatedBatch(batch, self.skipped, self.num_samples, self.overflow_rows)
+        return CollatedBatch(batch, self.skipped, self.num_samples, self.overflow_rows, self.sample_indices)
 
 
 def _tiles(rows: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,4 +139,5 @@ def collate_samples(
         num_tokens=sum(r.num_tokens for r in rows),
         num_trained=int(loss_index.numel()),
     )
-    return CollatedBatch(batch, skipped, sum(r.num_packed for r in rows), overflow)
+    indices = [i for r in rows for i in r.indices]
+    return CollatedBatch(batch, skipped, sum(r.num_packed for r in rows), overflow, indices)

@@ -32,7 +32,7 @@ from xtuner_vl.dataset.image import (
     tile_count,
     tiles_to_tensor,
 )
-from xtuner_vl.dataset.lengths import source_stats
+from xtuner_vl.dataset.lengths import file_hash, source_stats
 from xtuner_vl.dataset.native import native_resampler
 from xtuner_vl.dataset.sources import DataSource, build_sources, repeat_indices
 from xtuner_vl.dataset.templates import Template, get_template
@@ -135,6 +135,10 @@ class InternVLDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.record_of)
+
+    def source_fingerprints(self) -> dict[str, str]:
+        """Annotation file -> SHA-256 of its content (a resume refuses changed data by these)."""
+        return {str(s.annotations.path): file_hash(s.annotations.path) for s in self.sources}
 
     def locate(self, index: int) -> tuple[DataSource, int]:
         """The source and record number behind dataset index ``index``."""

@@ -67,7 +67,8 @@ def _estimate_chunk(args: tuple[AnnotationFile, int, int, dict]) -> tuple[np.nda
     return lengths, modal
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's content."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -101,7 +102,7 @@ def source_stats(
         "bytes_per_token": BYTES_PER_TOKEN,
         "estimator": ESTIMATOR_VERSION,  # part of the cache key: a changed formula recomputes
     }
-    key = hashlib.sha256((_file_hash(source.annotations.path) + json.dumps(settings, sort_keys=True)).encode())
+    key = hashlib.sha256((file_hash(source.annotations.path) + json.dumps(settings, sort_keys=True)).encode())
     cached = cache_dir() / f"{key.hexdigest()}.npz"
     if cached.is_file():
         with np.load(cached) as z:

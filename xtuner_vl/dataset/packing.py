@@ -108,6 +108,7 @@ def _concat(samples: list[Sample]) -> Sample:
         index=samples[0].index,
         position_ids=torch.cat([torch.arange(s.num_tokens) for s in samples]),
         num_packed=len(samples),
+        packed_indices=tuple(i for s in samples for i in s.indices),
     )
 
 

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from xtuner_vl.engine.schedule import lr_at
 
-__all__ = ["Backend", "set_group_lrs"]
+__all__ = ["Backend", "set_group_lrs", "all_finite"]
 
 
 class Backend(Protocol):
@@ -22,9 +23,13 @@ class Backend(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of ``loss``; gradients are summed over micro-steps, averaged over ranks."""
 
-    def step(self, boundary: bool) -> float | None:
+    def step(self, boundary: bool, skip: bool = False) -> float | None:
         """Called after every micro-step; on the accumulation ``boundary`` it clips, steps and zeroes
-        the gradients and returns the global gradient norm before clipping."""
+        the gradients and returns the global gradient norm before clipping. The update is not applied
+        (on every rank alike) when ``skip`` or when that norm is not finite."""
+
+    def weights_finite(self) -> bool:
+        """(all ranks) Whether every trainable weight is finite, on every rank."""
 
     def save(self, directory: Path) -> None:
         """(all ranks) Write model, optimizer and backend state into ``directory``."""
@@ -44,3 +49,14 @@ def set_group_lrs(
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
+
+
+def all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether every element of ``tensors`` is finite on every rank (one flag reduced across ranks)."""
+    bad = torch.zeros((), device=device)
+    for t in tensors:
+        if t.numel():
+            bad += (~torch.isfinite(t)).any().to(bad.dtype)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    return not bool(bad)

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from xtuner_vl.engine.backend import all_finite
 from xtuner_vl.engine.dist import DistInfo
 
-__all__ = ["DeepSpeedBackend", "import_deepspeed"]
+__all__ = ["DeepSpeedBackend", "import_deepspeed", "cpu_adam"]
 
 _TAG = "engine"
 
@@ -39,12 +40,28 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def cpu_adam(
+    groups: list[dict[str, Any]], device: torch.device, lr: float, betas: tuple[float, float], eps: float
+) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam in AdamW mode (decoupled decay, as torch's AdamW) over ``groups``, whose own
+    ``weight_decay`` applies per group; ``device`` is the training device (it picks DeepSpeed's accelerator).
+    Its C++ op is JIT-compiled with ninja on first use into the torch extensions dir (``TORCH_EXTENSIONS_DIR``,
+    default ~/.cache/torch_extensions), about a minute; later runs load it."""
+    import_deepspeed(device)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0, adamw_mode=True)
+
+
 class DeepSpeedBackend:
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any], dist_info: DistInfo
     ) -> None:
         self.deepspeed = import_deepspeed(dist_info.device)
-        self.deepspeed.init_distributed(dist_backend="nccl" if dist_info.device.type == "cuda" else "gloo")
+        # With several ranks the group exists already (init_distributed); alone, DeepSpeed creates it from the
+        # environment init_distributed filled. Either way with the run's timeout.
+        timeout = {} if dist_info.timeout is None else {"timeout": dist_info.timeout}
+        self.deepspeed.init_distributed(dist_backend="nccl" if dist_info.device.type == "cuda" else "gloo", **timeout)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
@@ -61,12 +78,24 @@ class DeepSpeedBackend:
         if boundary != self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("trainer and DeepSpeed disagree on the gradient accumulation boundary")
 
-    def step(self, boundary: bool) -> float | None:
+    def step(self, boundary: bool, skip: bool = False) -> float | None:
+        if boundary and skip:
+            # A non-finite loss with finite gradients (non-finite gradients DeepSpeed's ZeRO optimizers skip by
+            # themselves): a zero learning rate for this step leaves every weight where it is (the trainer sets
+            # the next step's rates anew). Adam's moments still take these finite gradients in.
+            for group in self.optimizer.param_groups:
+                group["lr"] = 0.0
         self.engine.step()
         if not boundary:
             return None
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None
+
+    def weights_finite(self) -> bool:
+        # ZeRO-3 keeps this rank's slice in ds_tensor (the parameter itself is empty); checking each rank's slice
+        # covers every weight once. ZeRO-1/2 parameters are whole on every rank.
+        local = [getattr(p, "ds_tensor", p).detach() for p in self.module.parameters() if p.requires_grad]
+        return all_finite(local, self.engine.device)
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory), tag=_TAG, exclude_frozen_parameters=True)

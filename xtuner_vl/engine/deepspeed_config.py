@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "CONFIG_ROOT", "load_deepspeed_config", "complete_deepspeed_config"]
+__all__ = ["PRESETS", "CONFIG_ROOT", "load_deepspeed_config", "complete_deepspeed_config", "zero_stage"]
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
@@ -28,6 +28,11 @@ def load_deepspeed_config(name_or_path: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 without ``zero_optimization``)."""
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
 def _fill(d: dict, key: str, value: Any) -> None:
@@ -65,8 +70,8 @@ def complete_deepspeed_config(
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
     _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
     if "offload_optimizer" in zero:
-        # We pass our own optimizer; DeepSpeed would otherwise insist on DeepSpeedCPUAdam.
-        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+        # The optimizer of an offloaded run is DeepSpeed's CPU Adam (engine/optimizer.py), so DeepSpeed's check
+        # that refuses any other optimizer there (zero_force_ds_cpu_optimizer, default true) stays on.
         for part in ("offload_optimizer", "offload_param"):
             if part in zero and not bf16:  # CPU runs: pinned memory needs CUDA
                 zero[part]["pin_memory"] = False

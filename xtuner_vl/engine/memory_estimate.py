@@ -18,6 +18,16 @@ Pure arithmetic on plain numbers (no torch, no model), so every term can be chec
 
 Communication buckets, CUDA context and allocator fragmentation are not included.
 
+**Loading** (bytes per GPU while the checkpoint is read, before the optimizer exists; ``B`` = the base
+weights as they will be stored: the load dtype, nf4 packed where QLoRA quantizes):
+
+- ZeRO-3: each parameter is partitioned as it is read (``xtuner_vl/engine/zero3_load.py``): B/n plus
+  the largest parameter, whole on every rank while it is broadcast and split (``offload_param``: only
+  that parameter on the GPU, B/n on the CPU).
+- QLoRA: each LLM linear is quantized on the GPU as it is read: B plus the largest such linear in the
+  load dtype, the one being quantized.
+- otherwise the whole model is loaded on every GPU: B.
+
 **Activations** (bytes per token of one layer, bf16 elements ``e`` = 2) are the tensors autograd saves
 for backward, as measured with ``torch.autograd.graph.saved_tensors_hooks`` on the real layers
 (see ``tests/engine/test_estimate.py``), for SDPA attention on a padded batch:
@@ -67,6 +77,7 @@ __all__ = [
     "stack_activation_bytes",
     "logits_bytes",
     "model_state_bytes",
+    "load_bytes",
 ]
 
 GiB = 1024**3
@@ -215,6 +226,9 @@ class ParamBytes:
     frozen_bytes: int  # bytes of the frozen weights as stored (bf16: 2 per parameter, nf4 packed)
     largest_module: int  # parameters of the largest module (ZeRO-3 gathers one at a time)
     largest_trainable_module: int = 0  # the same among modules that train (their full gradients)
+    base_bytes: int = 0  # the weights as loaded, before adapters: load dtype, nf4 packed where quantized
+    largest_param: int = 0  # elements of the largest base parameter (ZeRO-3 holds it whole while loading)
+    largest_quantized: int = 0  # elements of the largest linear QLoRA quantizes while loading (0: no QLoRA)
 
 
 @dataclass(frozen=True)
@@ -235,16 +249,27 @@ class ZeroSetup:
 
 @dataclass(frozen=True)
 class StateMemory:
-    """Bytes per GPU of weights, gradients and optimizer states, and per rank on CPU (offload)."""
+    """Bytes per GPU of weights, gradients and optimizer states, and per rank on CPU (offload); ``load``: the
+    peak per GPU while the checkpoint loads, an earlier moment than the training step (not in :attr:`gpu`)."""
 
     weights: int
     grads: int
     optimizer: int
     cpu: int = 0
+    load: int = 0
 
     @property
     def gpu(self) -> int:
         return self.weights + self.grads + self.optimizer
+
+
+def load_bytes(p: ParamBytes, z: ZeroSetup, gpus: int, bf16: bool = True) -> int:
+    """Peak bytes per GPU while the checkpoint loads with backend ``z`` (see the module docstring)."""
+    elem = 2 if bf16 else 4
+    if z.stage == 3:
+        whole = elem * p.largest_param
+        return whole if z.offload_param else p.base_bytes // gpus + whole
+    return p.base_bytes + elem * p.largest_quantized
 
 
 def model_state_bytes(p: ParamBytes, z: ZeroSetup, gpus: int, bf16: bool = True) -> StateMemory:
@@ -252,7 +277,7 @@ def model_state_bytes(p: ParamBytes, z: ZeroSetup, gpus: int, bf16: bool = True)
     t, n = p.trainable, gpus
     if z.stage == 0:
         grads = 4 * t + (4 * t if n > 1 else 0)  # fp32 grads + DDP bucket copy
-        return StateMemory(weights=4 * t + p.frozen_bytes, grads=grads, optimizer=8 * t)
+        return StateMemory(weights=4 * t + p.frozen_bytes, grads=grads, optimizer=8 * t, load=load_bytes(p, z, n, bf16))
     w_bytes, master = (2, 4) if bf16 else (4, 0)
     weights = w_bytes * t + p.frozen_bytes
     grads = w_bytes * t // (n if z.stage >= 2 else 1)
@@ -270,4 +295,4 @@ def model_state_bytes(p: ParamBytes, z: ZeroSetup, gpus: int, bf16: bool = True)
         cpu += optimizer + 4 * t // n  # optimizer states and the fp32 gradient partition
         optimizer = 0
         grads = w_bytes * p.largest_trainable_module if z.stage == 3 else 0
-    return StateMemory(weights=weights, grads=grads, optimizer=optimizer, cpu=cpu)
+    return StateMemory(weights, grads, optimizer, cpu, load_bytes(p, z, n, bf16))

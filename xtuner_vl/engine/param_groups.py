@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from xtuner_vl.engine.zero3_load import full_shape
+
 __all__ = ["module_of", "param_groups"]
 
 _PARTS = ("vision_model", "mlp1", "language_model")
@@ -35,7 +37,8 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.dim() >= 2 and not name.endswith(("ls1", "ls2"))
+        # A ZeRO-3 parameter partitioned while loading is a flat slice by now: decide on its full shape.
+        decay = len(full_shape(p)) >= 2 and not name.endswith(("ls1", "ls2"))
         groups.setdefault((module_of(name), decay), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):

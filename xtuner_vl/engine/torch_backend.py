@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from xtuner_vl.engine.backend import all_finite
 from xtuner_vl.engine.dist import DistInfo
 
 __all__ = ["TorchBackend"]
@@ -46,14 +48,18 @@ class TorchBackend:
         """Tell the backend whether the coming micro-step ends an accumulation cycle."""
         self._boundary_next = boundary
 
-    def step(self, boundary: bool) -> float | None:
+    def step(self, boundary: bool, skip: bool = False) -> float | None:
         if not boundary:
             return None
         params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))  # all-reduced grads: global
+        if not skip and math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def weights_finite(self) -> bool:
+        return all_finite([p.detach() for p in self.module.parameters() if p.requires_grad], self.device)
 
     def save(self, directory: Path) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:

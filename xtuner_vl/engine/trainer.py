@@ -8,6 +8,7 @@ the micro-batch split or the world size.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -21,10 +22,21 @@ import torch.distributed as dist
 
 from xtuner_vl.dataset.collate import CollatedBatch, SkippedSample
 from xtuner_vl.engine.backend import Backend, set_group_lrs
-from xtuner_vl.engine.checkpoint_dir import CheckpointDir, rng_state, set_rng_state
-from xtuner_vl.engine.dist import DistInfo, all_reduce_sum, barrier
+from xtuner_vl.engine.checkpoint_dir import (
+    MANIFEST,
+    CheckpointDir,
+    checkpoint_files,
+    hash_files,
+    manifest_of,
+    rng_state,
+    set_rng_state,
+    verify_files,
+)
+from xtuner_vl.engine.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, merge
 from xtuner_vl.engine.flops import TrainingFlops
+from xtuner_vl.engine.io_errors import io_errors_named
 from xtuner_vl.engine.metrics import MetricsLogger, peak_memory_gib
+from xtuner_vl.engine.preemption import STOP_FILE_ENV, StopSignals, TrainingAborted, TrainingStopped
 from xtuner_vl.structures import Batch
 
 __all__ = ["Trainer", "TrainerSettings"]
@@ -43,6 +55,8 @@ class TrainerSettings:
     keep_last: int = 2
     log_interval: int = 10
     max_skip_fraction: float = 0.01
+    max_nonfinite_steps: int = 3  # consecutive steps whose loss or gradient norm is not finite, then stop
+    allow_data_change: bool = False  # resume although an annotation file's content changed
     meta: dict[str, Any] = field(default_factory=dict)  # written into each checkpoint's meta.json
     # What the data order depends on (sizes, sampler, packing): a resume must find the same.
     data_signature: dict[str, Any] = field(default_factory=dict)
@@ -56,6 +70,8 @@ class _Progress:
     seen: int = 0  # samples seen, all ranks, whole run
     skipped: int = 0  # samples skipped, all ranks, whole run
     overflow_rows: int = 0  # packed rows beyond the plan (estimates short), all ranks, whole run
+    nonfinite: int = 0  # optimizer updates skipped for a non-finite loss or gradient norm, whole run
+    nonfinite_run: int = 0  # ... of them in a row, up to now
 
 
 class Trainer:
@@ -72,6 +88,7 @@ class Trainer:
         first_usable_batch: Callable[[], Batch] | None = None,
         flops: TrainingFlops | None = None,
         peak_flops: float | None = None,
+        describe_sample: Callable[[int], str] | None = None,
     ) -> None:
         self.backend, self.make_loader, self.sampler = backend, make_loader, sampler
         self.s, self.dist = settings, dist_info
@@ -82,43 +99,85 @@ class Trainer:
         self._first_usable_batch = first_usable_batch
         # FLOPs of the real samples (TrainingFlops) and one device's peak: tflops_per_gpu and mfu in the log.
         self.flops, self.peak_flops = flops, peak_flops
+        self.describe_sample = describe_sample or str  # dataset index -> "file:line" for messages
+        self.signals = StopSignals()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
         p = self.progress
+        if not self.backend.weights_finite():  # never let a diverged model replace the last good checkpoint
+            last = self.ckpt.latest()
+            raise TrainingAborted(
+                f"step {p.step}: the trained weights hold inf/NaN; not saved (the last checkpoint, "
+                f"{last or 'none'}, is kept). Lower optim.lr or check the data, then resume from it"
+            )
         tmp = self.ckpt.tmp_path(p.step)
-        if self.dist.is_main:
-            self.ckpt.begin(p.step)
-        barrier()
-        self.backend.save(tmp)
-        state = {
-            "step": p.step,
-            "epoch": p.epoch,
-            "consumed": p.consumed,
-            "seen": p.seen,
-            "skipped": p.skipped,
-            "overflow_rows": p.overflow_rows,
-            "rng": rng_state(),
-            "sampler": self.sampler.state_dict(p.consumed),
-            "data_signature": self.s.data_signature,
-        }
-        torch.save(state, tmp / f"trainer_state_rank{self.dist.rank}.pt")
-        if os.environ.get("XTUNER_VL_CRASH_IN_SAVE") == str(p.step):  # fault injection for the resume tests
-            os.kill(os.getpid(), signal.SIGKILL)
-        barrier()
-        final = self.ckpt.final_path(p.step)
-        if self.dist.is_main:
-            meta = {**self.s.meta, "step": p.step, "epoch": p.epoch, "world_size": self.dist.world_size}
-            final = self.ckpt.commit(p.step, meta)
-        barrier()
+        with io_errors_named(tmp):
+            if self.dist.is_main:
+                self.ckpt.begin(p.step)
+            barrier()
+            self.backend.save(tmp)
+            state = {
+                "step": p.step,
+                "epoch": p.epoch,
+                "consumed": p.consumed,
+                "seen": p.seen,
+                "skipped": p.skipped,
+                "overflow_rows": p.overflow_rows,
+                "nonfinite": p.nonfinite,
+                "nonfinite_run": p.nonfinite_run,
+                "rng": rng_state(),
+                "sampler": self.sampler.state_dict(p.consumed),
+                "data_signature": self.s.data_signature,
+            }
+            torch.save(state, tmp / f"trainer_state_rank{self.dist.rank}.pt")
+            if os.environ.get("XTUNER_VL_CRASH_IN_SAVE") == str(p.step):  # fault injection for the resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
+            barrier()
+            # Every rank hashes its share of the files just written (still in the page cache), rank 0 lists them.
+            names = checkpoint_files(tmp)
+            manifest = merge(all_gather_objects(hash_files(tmp, names[self.dist.rank :: self.dist.world_size])))
+            final = self.ckpt.final_path(p.step)
+            if self.dist.is_main:
+                meta = {**self.s.meta, "step": p.step, "epoch": p.epoch, "world_size": self.dist.world_size}
+                final = self.ckpt.commit(p.step, meta, manifest)
+            barrier()
         return final
 
+    def verify(self, path: Path) -> str | None:
+        """(all ranks) None when every file of checkpoint ``path`` matches its manifest, else why not; each rank
+        re-hashes its share. A checkpoint written before manifests existed passes (nothing to check)."""
+        try:
+            manifest = manifest_of(path)
+        except (OSError, ValueError) as e:
+            return f"unreadable {MANIFEST} ({e})"
+        if manifest is None:
+            return None
+        names = sorted(manifest)
+        reasons = all_gather_objects(verify_files(path, manifest, names[self.dist.rank :: self.dist.world_size]))
+        return next((r for r in reasons if r), None)
+
+    def newest_verified(self) -> Path | None:
+        """(all ranks) The newest complete checkpoint that verifies; newer ones that fail are moved aside to
+        ``checkpoints/rejected/`` (so retention cannot keep them over good ones), each with a message."""
+        for path in reversed(self.ckpt.complete()):
+            reason = self.verify(path)
+            if reason is None:
+                return path
+            if self.dist.is_main:
+                moved = self.ckpt.reject(path, reason)
+                print(f"checkpoint {path.name} fails verification ({reason}); moved to {moved}", flush=True)
+            barrier()
+        return None
+
     def resume(self, path: Path) -> None:
-        self.backend.load(path)
-        state = torch.load(path / f"trainer_state_rank{self.dist.rank}.pt", weights_only=False)
+        with io_errors_named(path, writing=False):
+            self.backend.load(path)
+            state = torch.load(path / f"trainer_state_rank{self.dist.rank}.pt", weights_only=False)
         self._check_data_signature(path, state.get("data_signature"))
         keys = ("step", "epoch", "consumed", "seen", "skipped")
-        self.progress = _Progress(*(state[k] for k in keys), state.get("overflow_rows", 0))
+        optional = ("overflow_rows", "nonfinite", "nonfinite_run")  # absent from older checkpoints
+        self.progress = _Progress(*(state[k] for k in keys), *(state.get(k, 0) for k in optional))
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
 
@@ -127,11 +186,20 @@ class Trainer:
         now = self.s.data_signature
         if not saved or saved == now:  # checkpoints from before signatures were saved carry none
             return
-        keys = sorted({*saved, *now})
-        changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+        keys = [k for k in sorted({*saved, *now}) if saved.get(k) != now.get(k)]
+        if not any(k.startswith("source ") for k in saved):  # saved before fingerprints existed
+            keys = [k for k in keys if not k.startswith("source ")]
+        if self.s.allow_data_change:  # content only: sizes and order settings must still agree
+            if changed := [k for k in keys if k.startswith("source ")]:
+                print(f"resuming with changed data (--allow-data-change): {', '.join(changed)}", flush=True)
+            keys = [k for k in keys if not k.startswith("source ")]
+        if not keys:
+            return
+        changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys]
         raise ValueError(
             f"{path}: cannot resume exactly, the data order of this run differs from the checkpoint's "
-            f"({'; '.join(changes)}). Restore those settings, or start a new run without --resume."
+            f"({'; '.join(changes)}). Restore those settings or files, or start a new run without --resume"
+            + (" (--allow-data-change accepts changed file contents)." if "source " in " ".join(keys) else ".")
         )
 
     # -- one optimizer step --------------------------------------------------------------------
@@ -152,13 +220,13 @@ class Trainer:
         return self._fallback, 0.0
 
     def _step(self, micro: list[CollatedBatch]) -> dict[str, float]:
-        """One optimizer step. Every count comes from collate (host side); the device is read only at the
-        end, for the loss and norm of the log."""
+        """One optimizer step. Every count comes from collate (host side); the device is read once, after the
+        last backward: the global loss, whose finiteness decides (on every rank alike) whether to update."""
         device = self.dist.device
         inputs = [self._micro_inputs(cb) for cb in micro]
         trained = torch.tensor(float(sum(b.num_trained for b, w in inputs if w)), device=device)
         n_global = all_reduce_sum(trained).clamp(min=1.0)
-        loss_total, tokens, grad_norm = torch.zeros((), device=device, dtype=torch.float64), 0, None
+        loss_total, tokens = torch.zeros((), device=device, dtype=torch.float64), 0
         model_flops = 0.0
         for i, (batch, weight) in enumerate(inputs):
             boundary = i == len(micro) - 1
@@ -185,19 +253,24 @@ class Trainer:
             loss_sum = out.loss_sum * weight
             # Backends average gradients over ranks; multiplying by world size makes it a global sum.
             self.backend.backward((loss_sum * self.dist.world_size / n_global).float())
-            norm = self.backend.step(boundary)
-            grad_norm = norm if norm is not None else grad_norm
             loss_total += loss_sum.detach()
-        loss = (all_reduce_sum(loss_total) / n_global).float()  # reported in float32
+            if not boundary:
+                self.backend.step(False)
+        loss = float((all_reduce_sum(loss_total) / n_global).float())  # reported in float32
+        # A non-finite loss skips the update; so does a non-finite gradient norm (the backends check it).
+        grad_norm = self.backend.step(True, skip=not math.isfinite(loss))
         return {
-            "loss": float(loss),
+            "loss": loss,
             "grad_norm": grad_norm,
+            "updated": math.isfinite(loss) and grad_norm is not None and math.isfinite(grad_norm),
             "tokens": float(all_reduce_sum(torch.tensor(float(tokens), device=device))),
             "trained_tokens": float(n_global),
             "flops": float(all_reduce_sum(torch.tensor(model_flops, device=device, dtype=torch.float64))),
         }
 
-    def _account_skips(self, micro: list[CollatedBatch]) -> None:
+    def _account(self, micro: list[CollatedBatch]) -> bool:
+        """Count the step's samples, skipped samples and overflow rows over all ranks, log the skipped ones,
+        and share whether any rank received a stop signal (one collective per step). Returns that."""
         local = [s for cb in micro for s in cb.skipped]
         counts = all_reduce_sum(
             torch.tensor(
@@ -205,6 +278,7 @@ class Trainer:
                     float(sum(cb.num_samples for cb in micro) + len(local)),
                     float(len(local)),
                     float(sum(cb.overflow_rows for cb in micro)),
+                    float(self.signals.received is not None),
                 ],
                 device=self.dist.device,
             )
@@ -221,14 +295,47 @@ class Trainer:
                 self.logger.message(f"skipped sample {s.source}:{s.line}: {s.reason}")
         p = self.progress
         if p.skipped > self.s.max_skip_fraction * p.seen and p.skipped > 0 and p.seen >= 100:
-            raise RuntimeError(
+            raise TrainingAborted(
                 f"{p.skipped} of {p.seen} samples skipped ({p.skipped / p.seen:.1%} > max_skip_fraction="
                 f"{self.s.max_skip_fraction:.1%}); fix the data (run `xtuner-vl check-data`) or raise the limit"
             )
+        return bool(counts[3])
+
+    def _count_nonfinite(self, stats: dict[str, float]) -> None:
+        p = self.progress
+        p.nonfinite_run = 0 if stats["updated"] else p.nonfinite_run + 1
+        p.nonfinite += 0 if stats["updated"] else 1
+
+    def _guard_nonfinite(self, stats: dict[str, float], micro: list[CollatedBatch]) -> None:
+        """After a skipped update: a message, or past ``max_nonfinite_steps`` in a row a stop naming the samples."""
+        p = self.progress
+        if stats["updated"]:
+            return
+        if p.nonfinite_run <= self.s.max_nonfinite_steps:
+            self.logger.message(
+                f"step {p.step}: loss {stats['loss']}, gradient norm {stats['grad_norm']}: update skipped"
+            )
+            return
+        samples: list[list[str]] = [[self.describe_sample(i) for cb in micro for i in cb.sample_indices]]
+        if dist.is_initialized():
+            gathered = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, samples[0])
+            samples = gathered  # type: ignore[assignment]
+        names = [name for rank in samples for name in rank]
+        raise TrainingAborted(
+            f"step {p.step}: {p.nonfinite_run} steps in a row with a non-finite loss or gradient norm (loss "
+            f"{stats['loss']}, gradient norm {stats['grad_norm']}; runtime.max_nonfinite_steps="
+            f"{self.s.max_nonfinite_steps}; last checkpoint {self.ckpt.latest() or 'none'}). Samples of this step: "
+            f"{', '.join(names[:16])}{' ...' if len(names) > 16 else ''}. Lower optim.lr or check these samples"
+        )
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume_from: Path | None = None) -> Path | None:
-        """Train to ``total_steps``; returns the loss-curve PNG path (rank 0)."""
+        """Train to ``total_steps``; returns the loss-curve PNG path (rank 0).
+
+        A stop signal (SIGTERM, SIGINT, SIGUSR1) finishes the current step on every rank, saves it and
+        raises :class:`TrainingStopped`.
+        """
         if resume_from is not None:
             self.resume(resume_from)
         p, s = self.progress, self.s
@@ -237,24 +344,40 @@ class Trainer:
             self.logger.message(f"resumed from {resume_from} at step {p.step}")
         self.sampler.resume(p.epoch, p.consumed)
         it = iter(self.make_loader())
-        while p.step < s.total_steps:
-            t0 = time.perf_counter()
-            set_group_lrs(self.backend.optimizer, p.step, s.lr, s.total_steps, s.warmup_steps, s.min_lr_ratio)
-            micro = self._next_batches(it)
-            stats = self._step(micro)
-            self._account_skips(micro)
-            p.step += 1
-            p.consumed += s.micro_batch_size * s.grad_accum
-            if p.step % s.steps_per_epoch == 0:  # epoch done: the next one starts a fresh order
-                p.epoch, p.consumed = p.epoch + 1, 0
-                self.sampler.resume(p.epoch, 0)
-                it = iter(self.make_loader())
-            # Every step goes to train_log.jsonl / TensorBoard; the console gets every log_interval-th.
-            self._log(stats, time.perf_counter() - t0, p.step % s.log_interval == 0 or p.step == s.total_steps)
-            if p.step % s.save_steps == 0 or p.step == s.total_steps:
-                path = self.save()
-                self.logger.message(f"checkpoint: {path}")
+        with self.signals:
+            while p.step < s.total_steps:
+                t0 = time.perf_counter()
+                set_group_lrs(self.backend.optimizer, p.step, s.lr, s.total_steps, s.warmup_steps, s.min_lr_ratio)
+                micro = self._next_batches(it)
+                stats = self._step(micro)
+                stop = self._account(micro)
+                p.step += 1
+                p.consumed += s.micro_batch_size * s.grad_accum
+                self._count_nonfinite(stats)
+                if p.step % s.steps_per_epoch == 0:  # epoch done: the next one starts a fresh order
+                    p.epoch, p.consumed = p.epoch + 1, 0
+                    self.sampler.resume(p.epoch, 0)
+                    it = iter(self.make_loader())
+                # Every step goes to train_log.jsonl / TensorBoard; the console gets every log_interval-th.
+                self._log(stats, time.perf_counter() - t0, p.step % s.log_interval == 0 or p.step == s.total_steps)
+                self._guard_nonfinite(stats, micro)
+                if stop or p.step % s.save_steps == 0 or p.step == s.total_steps:
+                    path = self.save()
+                    self.logger.message(f"checkpoint: {path}")
+                if stop:
+                    self._stop(path)
         return self.logger.close()
+
+    def _stop(self, path: Path) -> None:
+        received = self.signals.received or "a stop signal on another rank"
+        self.logger.message(
+            f"{received} received: stopped after step {self.progress.step}, saved {path}; "
+            f"resume with --resume auto (exit status {TrainingStopped.exit_code})"
+        )
+        self.logger.close()
+        if self.dist.is_main and (marker := os.environ.get(STOP_FILE_ENV)):
+            Path(marker).write_text(f"{received}\n{path}\n")  # the launcher's sign that the workers saved
+        raise TrainingStopped(str(path))
 
     def _log(self, last: dict[str, float], seconds: float, console: bool) -> None:
         p, s = self.progress, self.s
@@ -268,6 +391,7 @@ class Trainer:
             "peak_mem_gib": peak_memory_gib(self.dist.device),
             "skipped": float(p.skipped),
             "overflow_rows": float(p.overflow_rows),
+            "nonfinite_steps": float(p.nonfinite),
         }
         if self.flops is not None:
             per_gpu = last["flops"] / seconds / self.dist.world_size

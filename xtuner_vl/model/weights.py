@@ -8,18 +8,44 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["weight_files", "iter_tensors", "read_state_dict", "write_safetensors", "parse_size", "atomic_write_text"]
+__all__ = [
+    "weight_files",
+    "iter_tensors",
+    "read_tensors",
+    "tensor_shapes",
+    "read_state_dict",
+    "write_safetensors",
+    "parse_size",
+    "atomic_write_text",
+]
 
 _SAFE_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _inside(directory: Path, index: Path, name: str) -> Path:
+    """``directory / name``, refused unless it resolves (symlinks included) to a file inside ``directory``:
+    an index must never make the loader read a file elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: weight_map entry {name!r} is not a file name")
+    path = (directory / name).resolve()
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":  # a Hugging Face cache snapshot: its files link into ../../blobs
+        roots.append(directory.parent.parent.resolve() / "blobs")
+    if not any(path.is_relative_to(root) for root in roots):
+        raise ValueError(f"{index}: weight_map entry {name!r} points outside the model directory ({path})")
+    return directory / name
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
@@ -29,34 +55,68 @@ def weight_files(model_dir: str | Path) -> list[Path]:
         index = d / index_name
         if index.is_file():
             names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-            missing = [n for n in names if not (d / n).is_file()]
+            files = [_inside(d, index, n) for n in names]
+            missing = [n for n, f in zip(names, files, strict=True) if not f.is_file()]
             if missing:
                 raise FileNotFoundError(f"{index}: shard(s) {missing} listed in weight_map are missing")
-            return [d / n for n in names]
+            return files
         if (d / single).is_file():
             return [d / single]
     raise FileNotFoundError(f"{d}: no model.safetensors, {_SAFE_INDEX}, pytorch_model.bin or {_BIN_INDEX}")
 
 
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` from one weight file without loading the others.
+def _open_safetensors(path: Path):
+    """A ``safe_open`` handle that reads each tensor with ``pread`` into its own memory where the installed
+    safetensors supports it (``backend="pread"``, e.g. 0.8): a memory-mapped tensor keeps its file mapped, and
+    the pages read resident, while it lives."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except TypeError:  # a safetensors without the backend option: memory-mapped only
+        return safe_open(str(path), framework="pt", device="cpu")
 
-    Safetensors tensors are read with ``pread`` into their own memory where the installed safetensors
-    supports it (``backend="pread"``, e.g. 0.8): a memory-mapped tensor keeps its file mapped, and the
-    pages read resident, while it lives.
-    """
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # torch's message goes on to suggest turning the safety off: not repeated
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise ValueError(
+            f"{path}: refused to load: the pickle holds more than tensors ({reason}); loading it could run code "
+            "from the file. Use the release's safetensors weights"
+        ) from None
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` from one weight file without loading the others (safetensors: with ``pread``)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
-        except TypeError:  # a safetensors without the backend option: memory-mapped only
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        with handle as f:
+        with _open_safetensors(path) as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        yield from state.items()
+        yield from _load_bin(path).items()
+
+
+def read_tensors(items: Iterable[tuple[Path, str]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` for each ``(file, key)`` of ``items``, in that order, one tensor read at a time
+    (as :func:`iter_tensors`); each file is opened on first use and stays open until the end."""
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for file, key in items:
+            safetensors = file.suffix == ".safetensors"
+            if file not in handles:
+                handles[file] = stack.enter_context(_open_safetensors(file)) if safetensors else _load_bin(file)
+            yield key, handles[file].get_tensor(key) if safetensors else handles[file][key]
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``key -> shape`` of one weight file, in the order :func:`iter_tensors` yields them, without reading data
+    (safetensors: the header; ``.bin``: a memory map, whose pages are touched only for the pickle)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    return {key: tuple(t.shape) for key, t in _load_bin(path).items()}
 
 
 def read_state_dict(model_dir: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

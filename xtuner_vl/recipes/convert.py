@@ -29,6 +29,7 @@ from xtuner_vl.checkpoint import (
 )
 from xtuner_vl.checkpoint.hf_export import check_hf_exportable, official_to_hf
 from xtuner_vl.checkpoint.hf_import import hf_to_official
+from xtuner_vl.checkpoint.trained import nonfinite_tensors
 from xtuner_vl.model import build_empty_model, read_config
 from xtuner_vl.recipes.build_model import apply_method
 from xtuner_vl.recipes.config import find_config, load_config
@@ -115,6 +116,7 @@ def convert(
     max_shard_size: str = "5GB",
     cfg_options: dict | None = None,
     trust_base: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Convert checkpoint ``ckpt`` of a run of ``config`` into ``out`` (see the module docstring).
 
@@ -128,6 +130,7 @@ def convert(
         max_shard_size: largest weight file of an ``official`` output.
         cfg_options: ``key=value`` overrides of the config.
         trust_base: accept a base path other than the one in ``meta.json`` (keys and shapes still checked).
+        allow_nonfinite: export trained weights that hold inf/NaN (refused otherwise).
 
     Returns:
         ``out`` as a Path.
@@ -140,6 +143,12 @@ def convert(
     _check_meta(trained, s, str(find_config(config)), trust_base)
     model = expected_trainable_model(s)
     _check_trainable(trained, model, str(find_config(config)), s.path)
+    if not allow_nonfinite and (bad := nonfinite_tensors(trained)):
+        total = sum(n for _, n in bad)
+        raise CheckpointError(
+            f"{trained.path}: {total} non-finite values in {len(bad)} trained tensors (e.g. {bad[0][0]}): the run "
+            "diverged; convert an earlier checkpoint (a step-XXXXXXXX directory), or pass --allow-nonfinite"
+        )
     alphas = {
         part: float(s.lora_alpha or 2 * rank)
         for part, rank in (("language_model", s.llm_lora_rank), ("vision_model", s.vit_lora_rank))

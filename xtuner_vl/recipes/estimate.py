@@ -221,12 +221,22 @@ def _zero_setup(name: str | None) -> me.ZeroSetup:
     return me.ZeroSetup(int(zero.get("stage", 0)), off("offload_optimizer"), off("offload_param"))
 
 
-def _param_bytes(model: nn.Module, total: ModuleCount, elem: int) -> me.ParamBytes:
-    """Trainable parameters, frozen bytes and the largest modules ZeRO-3 gathers (their own parameters)."""
+def _param_bytes(model: nn.Module, total: ModuleCount, elem: int, nf4: set[int]) -> me.ParamBytes:
+    """Trainable parameters, frozen bytes, the largest modules ZeRO-3 gathers (their own parameters), and
+    what loading holds: the base weights, the largest base parameter, the largest layer QLoRA quantizes."""
     own = [list(m.parameters(recurse=False)) for m in model.modules()]
     largest = max(sum(p.numel() for p in ps) for ps in own)
     largest_trainable = max(sum(p.numel() for p in ps if p.requires_grad) for ps in own)
-    return me.ParamBytes(total.trainable, total.stored_bytes - elem * total.trainable, largest, largest_trainable)
+    base = [p for name, p in model.named_parameters() if "lora_" not in name]
+    return me.ParamBytes(
+        total.trainable,
+        total.stored_bytes - elem * total.trainable,
+        largest,
+        largest_trainable,
+        base_bytes=total.stored_bytes - elem * total.lora,
+        largest_param=max(p.numel() for p in base),
+        largest_quantized=max((p.numel() for p in base if id(p) in nf4), default=0),
+    )
 
 
 def _workload(cfg, s: ModelSettings, model: InternVLChatModel, mbs: int, trained: int | None) -> Workload:
@@ -281,7 +291,7 @@ def estimate(
         "checkpointing": _activations(model, w, True, act, details),
         "no_checkpointing": _activations(model, w, False, act, details),
     }
-    params = _param_bytes(model, counts[-1], act.elem)
+    params = _param_bytes(model, counts[-1], act.elem, nf4)
     selected = _zero_setup(deepspeed or runtime.deepspeed)
     setups = _STANDARD + ([selected] if selected not in _STANDARD else [])
     states = [
@@ -304,7 +314,12 @@ def estimate(
         activations=activations,
         states=states,
         selected=selected,
-        details={**details, "largest_module": params.largest_module},
+        details={
+            **details,
+            "largest_module": params.largest_module,
+            "largest_param": params.largest_param,
+            "largest_quantized": params.largest_quantized,
+        },
         notes=notes,
     )
 

@@ -36,7 +36,8 @@ def summary_line(e: Estimate) -> str:
     other = e.total(chosen, not e.checkpointing)
     alt = f"{_gib(other)} GiB {'without' if e.checkpointing else 'with'} checkpointing"
     fits = _gib(e.total(chosen, e.checkpointing))
-    return f"fits in {fits} GiB per GPU with {e.selected.label}{ckpt} ({where}); {alt}; {best}"
+    load = f"loading peaks at {_gib(chosen.load)} GiB"
+    return f"fits in {fits} GiB per GPU with {e.selected.label}{ckpt} ({where}); {alt}; {load}; {best}"
 
 
 def _param_rows(e: Estimate) -> list[str]:
@@ -60,14 +61,14 @@ def _memory_rows(e: Estimate) -> list[str]:
         parts = e.activations[key]
         detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items())
         rows.append(f"  activations {label:22} {_gib(sum(parts.values())):>8}   ({detail})")
-    head = ("backend", "weights", "grads", "optimizer", "total+ckpt", "total-ckpt", "CPU/rank")
+    head = ("backend", "weights", "grads", "optimizer", "total+ckpt", "total-ckpt", "CPU/rank", "load peak")
     rows.append(f"  {head[0]:30}" + "".join(f"{h:>12}" for h in head[1:]))
     for z, s in e.states:
         mark = "*" if z == e.selected else " "
         if s is None:
             rows.append(f"{mark} {z.label:30}{'n/a':>12}")
             continue
-        cells = (s.weights, s.grads, s.optimizer, e.total(s, True), e.total(s, False), s.cpu)
+        cells = (s.weights, s.grads, s.optimizer, e.total(s, True), e.total(s, False), s.cpu, s.load)
         rows.append(f"{mark} {z.label:30}" + "".join(f"{_gib(c):>12}" for c in cells))
     return rows
 
@@ -94,6 +95,7 @@ def _notes(e: Estimate) -> list[str]:
         f" xtuner_vl/engine/memory_estimate.py): {'; '.join(layer) or 'nothing trains'}. With gradient"
         " checkpointing a stack keeps one hidden state per layer boundary plus one layer's activations"
         f" while it is recomputed.{frozen_vit}",
+        _load_note(e),
         f"Workload: {w.micro_batch} rows x {w.max_length:,} tokens (every row at max_length); every row one image"
         f" of {w.tiles_per_row} tiles x {w.tokens_per_tile} ViT tokens ({w.image_tokens_per_tile} LLM tokens each).",
         f"Logits: computed only at positions whose next token is trained: {w.trained_positions:,} per row"
@@ -101,6 +103,25 @@ def _notes(e: Estimate) -> list[str]:
         " + 4 B fp32 copy + 4 B fp32 log-softmax).",
         *e.notes,
     ]
+
+
+def _load_note(e: Estimate) -> str:
+    d = e.details
+    text = (
+        "Load peak: per GPU while the checkpoint is read, before training (an earlier moment than the totals)."
+        " ZeRO-3 partitions each weight as it is read: 1/GPUs of the weights plus the largest parameter"
+        f" ({d['largest_param']:,} params) whole while it is split (offload_param: only that parameter); the"
+        " other backends load the whole model on every GPU"
+    )
+    if d["largest_quantized"]:
+        text += (
+            f", with the LLM linears in nf4 and the largest of them ({d['largest_quantized']:,} params) in the"
+            " load dtype while it is quantized"
+        )
+    return text + (
+        ". Host memory while loading: ZeRO-3 and QLoRA read one tensor at a time (under ZeRO-3 only rank 0"
+        " reads); the other backends read the whole checkpoint on every rank."
+    )
 
 
 def format_estimate(e: Estimate) -> str:

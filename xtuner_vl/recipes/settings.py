@@ -22,7 +22,7 @@ class ModelSettings:
 
     path: str
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or bf16 / fp32
-    attn_implementation: str | None = None  # None: flash-attention 2 on GPU when installed, else sdpa
+    attn_implementation: str | None = None  # None: flash_attention_2 if it imports, else torch_varlen (CUDA) / sdpa
     freeze_vit: bool = True
     freeze_mlp: bool = False
     freeze_llm: bool = False
@@ -81,9 +81,16 @@ class RuntimeSettings:
     keep_last: int = 2
     log_interval: int = 10
     max_skip_fraction: float = 0.01
+    max_nonfinite_steps: int = 3  # a non-finite loss or gradient norm skips the update; more in a row stop the run
     deepspeed: str | None = None  # preset name or json path; None = plain PyTorch / DDP
     device: str | None = None  # None: cuda when available
     peak_tflops: float | None = None  # dense bf16 peak per GPU for the logged MFU; None: known GPUs by name
+    # How long a collective waits for the slowest rank before the run is aborted (torch's NCCL default and
+    # DeepSpeed's: 10 min). The longest legitimate wait is a checkpoint: a full fine-tune of InternVL2-26B
+    # (20B trainable) on ZeRO-3 writes ~240 GB of fp32 master weights and Adam moments (12 bytes per parameter)
+    # from 8 ranks, and the barrier after it waits for the last byte; 60 min still allows a slow shared file
+    # system (~70 MB/s in all) while a real hang is reported within the hour.
+    dist_timeout_minutes: float = 60.0
 
 
 def parse_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:

@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import os
-import random
 import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from xtuner_vl.dataset.collate import collate_samples
 from xtuner_vl.dataset.packing import PackedDataset
 from xtuner_vl.dataset.samplers import DistributedRandomSampler, LengthGroupedSampler
-from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
-from xtuner_vl.engine.dist import DistInfo, init_distributed
+from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config, zero_stage
+from xtuner_vl.engine.dist import DistInfo, destroy_distributed, init_distributed
 from xtuner_vl.engine.flops import TrainingFlops, peak_bf16_flops
+from xtuner_vl.engine.lock import hold_work_dir
+from xtuner_vl.engine.optimizer import build_optimizer
 from xtuner_vl.engine.param_groups import param_groups
+from xtuner_vl.engine.preemption import ignore_stop_signals
 from xtuner_vl.engine.schedule import warmup_steps_for
+from xtuner_vl.engine.seed import rank_seed, seed_everything
 from xtuner_vl.engine.torch_backend import TorchBackend
 from xtuner_vl.engine.trainer import Trainer, TrainerSettings
+from xtuner_vl.engine.zero3_load import full_numel
 from xtuner_vl.model import load_tokenizer
+from xtuner_vl.model.attention import resolve_attn_implementation
+from xtuner_vl.model.configuration import read_config
+from xtuner_vl.model.tokenizer import img_context_token_id
 from xtuner_vl.recipes.build_model import build_train_model, resolve_dtype
 from xtuner_vl.recipes.config import find_config, load_config
 from xtuner_vl.recipes.settings import (
@@ -37,12 +43,6 @@ from xtuner_vl.registry import DATASETS
 from xtuner_vl.structures import Sample
 
 __all__ = ["train"]
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _grad_accum(sched: ScheduleSettings, world: int) -> int:
@@ -80,8 +80,10 @@ def train(
     resume: str | None = None,
     cfg_options: dict | None = None,
     seed: int | None = None,
+    allow_data_change: bool = False,
 ) -> Path:
-    """Train as ``config`` says; returns the work dir."""
+    """Train as ``config`` says; returns the work dir. ``allow_data_change``: resume although the content of
+    an annotation file differs from the checkpoint's run."""
     cfg = load_config(config, cfg_options)
     model_s = parse_section(ModelSettings, cfg.get("model"), "model")
     optim_s = parse_section(OptimSettings, cfg.get("optim"), "optim")
@@ -90,18 +92,32 @@ def train(
     runtime = parse_section(RuntimeSettings, cfg.get("runtime"), "runtime")
     runtime.deepspeed = deepspeed or runtime.deepspeed
     runtime.seed = seed if seed is not None else runtime.seed
-    d = init_distributed(runtime.device)
-    _seed_everything(runtime.seed)
+    ds_preset = load_deepspeed_config(runtime.deepspeed) if runtime.deepspeed else None
+    _refuse_impossible_setup(config, model_s, runtime, ds_preset)
+    d = init_distributed(runtime.device, runtime.dist_timeout_minutes)
+    # The attention back-end, decided by a real import before anything is loaded (see model.attention).
+    model_s.attn_implementation = resolve_attn_implementation(model_s.attn_implementation, d.device, loader_s.pack)
+    seed_everything(runtime.seed)  # the same on every rank: the model (LoRA init is random) must be identical
     work = Path(work_dir or Path("work_dirs") / find_config(config).stem)
+    lock = hold_work_dir(work, d)  # held to the end of the process; a second run here stops now
     if d.is_main:
-        work.mkdir(parents=True, exist_ok=True)
+        # The copy the run really used: the command line's --seed / --deepspeed written into it too.
+        cfg.runtime = {**cfg.get("runtime", {}), "seed": runtime.seed, "deepspeed": runtime.deepspeed}
         cfg.dump(str(work / f"{find_config(config).stem}.py"))
 
     tokenizer = load_tokenizer(model_s.path)
     dataset = DATASETS.build({"model_path": model_s.path, **cfg.train_dataset, "tokenizer": tokenizer})
-    model = build_train_model(model_s, d.device)
-    flops = TrainingFlops(model)  # before DeepSpeed wraps or partitions it
     accum = _grad_accum(sched, d.world_size)
+    bf16 = resolve_dtype(model_s.dtype, d.device) == torch.bfloat16
+    ds_cfg = None
+    if ds_preset is not None:
+        # Completed before the model exists: a ZeRO-3 run partitions each weight as it is read (build_model).
+        hidden_size = read_config(model_s.path).llm_config["hidden_size"]
+        ds_cfg = complete_deepspeed_config(
+            ds_preset, sched.micro_batch_size, accum, d.world_size, optim_s.max_grad_norm, bf16, hidden_size
+        )
+    model = build_train_model(model_s, d.device, ds_cfg)
+    flops = TrainingFlops(model)  # before DeepSpeed wraps it (it reads module shapes, never weights)
     base_dataset = dataset
     if loader_s.pack:  # micro_batch_size then counts packs (rows of several samples) per step
         dataset = PackedDataset(
@@ -118,6 +134,13 @@ def train(
         raise ValueError(f"{len(dataset)} samples give no full optimizer step of {sched.global_batch_size}")
     total = sched.max_steps or steps_per_epoch * sched.epochs
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Collate computes every count and index the step needs on the host, and casts the tiles to the compute dtype.
+    collate = partial(
+        collate_samples,
+        pad_token_id=pad_id,
+        img_context_token_id=img_context_token_id(tokenizer),
+        pixel_dtype=resolve_dtype(model_s.dtype, d.device),
+    )
 
     def make_loader():
         return DataLoader(
@@ -126,27 +149,20 @@ def train(
             sampler=sampler,
             drop_last=True,
             num_workers=loader_s.num_workers,
-            collate_fn=partial(collate_samples, pad_token_id=pad_id),
+            collate_fn=collate,
+            pin_memory=d.device.type == "cuda",  # page-locked batches: the step's copies run asynchronously
             generator=torch.Generator().manual_seed(runtime.seed),  # keeps the global RNG untouched
             persistent_workers=False,
             multiprocessing_context="fork" if loader_s.num_workers else None,
+            worker_init_fn=ignore_stop_signals,  # the rank handles stop signals (engine/preemption.py)
         )
 
     groups = param_groups(model, optim_s.lr, optim_s.weight_decay, optim_s.lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=optim_s.lr, betas=tuple(optim_s.betas), eps=optim_s.eps)
-    bf16 = resolve_dtype(model_s.dtype, d.device) == torch.bfloat16
-    if runtime.deepspeed:
+    # DeepSpeed's CPU Adam when the DeepSpeed config offloads the optimizer, torch's AdamW otherwise.
+    optimizer = build_optimizer(groups, optim_s.lr, tuple(optim_s.betas), optim_s.eps, d.device, ds_preset)
+    if ds_cfg is not None:
         from xtuner_vl.engine.deepspeed_backend import DeepSpeedBackend
 
-        ds_cfg = complete_deepspeed_config(
-            load_deepspeed_config(runtime.deepspeed),
-            sched.micro_batch_size,
-            accum,
-            d.world_size,
-            optim_s.max_grad_norm,
-            bf16,
-            model.language_model.config.hidden_size,
-        )
         backend = DeepSpeedBackend(model, optimizer, ds_cfg, d)
     else:
         backend = TorchBackend(model, optimizer, d, optim_s.max_grad_norm, bf16)
@@ -163,6 +179,8 @@ def train(
         keep_last=runtime.keep_last,
         log_interval=runtime.log_interval,
         max_skip_fraction=runtime.max_skip_fraction,
+        max_nonfinite_steps=runtime.max_nonfinite_steps,
+        allow_data_change=allow_data_change,
         data_signature=_data_signature(base_dataset, dataset, sampler, loader_s, sched),
         meta={
             "config": find_config(config).stem,
@@ -171,23 +189,52 @@ def train(
             "method": _method(model_s),
         },
     )
+
     def first_usable_batch():
         for i in range(len(base_dataset)):  # deterministic: the same sample on every rank and every run
             sample = base_dataset[i]
             if isinstance(sample, Sample):
-                return collate_samples([sample], pad_token_id=pad_id).batch
+                return collate([sample]).batch
         raise RuntimeError(f"none of the {len(base_dataset)} samples is usable; run `xtuner-vl check-data`")
 
+    def describe_sample(index: int) -> str:
+        source, record = base_dataset.locate(index)
+        return f"{source.annotations.path}:{source.annotations.line_of(record)}"
+
     trainer = Trainer(
-        backend, make_loader, sampler, settings, d, work, first_usable_batch, flops, _peak_flops(runtime, d, bf16)
+        backend,
+        make_loader,
+        sampler,
+        settings,
+        d,
+        work,
+        first_usable_batch,
+        flops,
+        _peak_flops(runtime, d, bf16),
+        describe_sample=describe_sample,
     )
     resume_path = _resume_path(resume, trainer)
+    # From here on each rank draws its own dropout / drop-path masks (alike they would repeat one mask per
+    # rank). The data order does not move: samplers, packing and the DataLoader take runtime.seed explicitly.
+    # A resume restores each rank's saved RNG state over this (Trainer.resume).
+    seed_everything(rank_seed(runtime.seed, d.rank))
     if d.is_main:
         _print_plan(model, dataset, settings, d, accum, runtime, resume_path)
     png = trainer.fit(resume_path)
+    lock.release()
     if d.is_main and png is not None:
         print(f"loss curve: {png}", flush=True)
     return work
+
+
+def _refuse_impossible_setup(config: str, model: ModelSettings, runtime: RuntimeSettings, ds: dict | None) -> None:
+    """Stop, before anything is loaded, on a method the DeepSpeed config cannot train."""
+    if model.quantize_llm and ds is not None and zero_stage(ds) == 3:
+        raise ValueError(
+            f"{config}: QLoRA (model.quantize_llm) cannot train with DeepSpeed {runtime.deepspeed!r} (ZeRO-3): "
+            "ZeRO-3 partitions every weight across ranks and bitsandbytes 4-bit weights cannot be partitioned; "
+            "use zero1, zero2 or zero2_offload"
+        )
 
 
 def _method(s: ModelSettings) -> str:
@@ -205,9 +252,17 @@ def _data_signature(base_dataset, dataset, sampler, loader: DataLoaderSettings, 
     }
     if isinstance(sampler, LengthGroupedSampler):
         signature["group_factor"] = loader.group_factor
+    # The content of every annotation file: the same records in another order, or rewritten answers, would
+    # otherwise resume silently into another run.
+    for path, digest in getattr(base_dataset, "source_fingerprints", dict)().items():
+        signature[f"source {path}"] = digest[:16]
     if isinstance(dataset, PackedDataset):
-        signature.update(pack_length=dataset.pack_length, pack_max_tiles=dataset.max_tiles,
-                         pack_window=loader.pack_window, pack_headroom=loader.pack_headroom)
+        signature.update(
+            pack_length=dataset.pack_length,
+            pack_max_tiles=dataset.max_tiles,
+            pack_window=loader.pack_window,
+            pack_headroom=loader.pack_headroom,
+        )
     return signature
 
 
@@ -215,18 +270,21 @@ def _resume_path(resume: str | None, trainer: Trainer) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return trainer.ckpt.latest()  # None when nothing complete yet: a fresh start
+        return trainer.newest_verified()  # None when nothing complete and verified yet: a fresh start
     path = Path(resume)
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory")
+    if (reason := trainer.verify(path)) is not None:
+        raise ValueError(f"--resume {resume}: the checkpoint fails verification ({reason}); use --resume auto")
     return path
 
 
 def _print_plan(
     model, dataset, s: TrainerSettings, d: DistInfo, accum: int, runtime: RuntimeSettings, resume: Path | None
 ) -> None:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Under ZeRO-3 a rank holds a slice of each weight: count the full ones.
+    total = sum(full_numel(p) for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     per_step = s.micro_batch_size * accum * d.world_size
     unit = "packs" if isinstance(dataset, PackedDataset) else "samples"
     print(
@@ -241,13 +299,15 @@ def _print_plan(
         print(f"packing: {dataset.stats()}, {budget}", flush=True)
 
 
-def exit_after_distributed_run() -> None:
-    """End a multi-process run. With gloo, ZeRO-3 teardown occasionally aborts the interpreter after
-    all work is done; every rank synchronises, flushes and exits directly instead."""
+def exit_after_distributed_run(status: int = 0) -> None:
+    """End a run that used a process group: leave it (NCCL frees its communicators). With gloo, ZeRO-3
+    teardown occasionally aborts the interpreter after all work is done; every rank synchronises, flushes
+    and exits directly instead."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_backend() == "gloo":
         dist.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
+    destroy_distributed()

@@ -1,0 +1,11 @@
+# QLoRA fine-tune of OpenGVLab/InternVL2-Llama3-76B (InternViT-6B + Hermes-2-Theta-Llama-3-70B, template
+# internlm2-chat). xtuner's seed recipe: LLM linears in 4-bit nf4 with double quantization (bitsandbytes), LoRA
+# r128 / alpha 256 on all LLM linears, ViT and mlp1 unquantized, mlp1 trained; the LoRA schedule of this model
+# otherwise (internvl2_76b_hermes2_llama3_70b_dynamic_res_2nd_finetune_lora.sh). Each linear is quantized on the
+# GPU as it is read, so the 76B model loads on one 80 GB GPU. 4-bit weights cannot be sharded by ZeRO-3, so
+# QLoRA runs on ZeRO-2 at most.
+_base_ = ['./internvl_v2_llama3_76b_lora.py']
+
+model_path = 'InternVL2-Llama3-76B'  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, llm_lora_rank=128, lora_alpha=256, quantize_llm=True)
+runtime = dict(deepspeed='zero2')
