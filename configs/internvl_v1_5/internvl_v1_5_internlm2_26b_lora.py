@@ -1,5 +1,5 @@
 # LoRA fine-tune of OpenGVLab/InternVL-Chat-V1-5 (InternViT-6B-448px-V1-5 + internlm2-chat-20b, template internlm2-chat).
-# Official recipe (REFERENCE.md section 7, *_lora.sh): LoRA r16 on the LLM (alpha 2r, dropout 0.05, official
+# Official recipe (OpenGVLab/InternVL internvl_chat/shell/internvl1.5/2nd_finetune/internvl_chat_v1_5_internlm2_20b_dynamic_res_2nd_finetune_lora.sh): LoRA r16 on the LLM (alpha 2r, dropout 0.05, official
 # target modules), ViT frozen, mlp1 trained, lr 2e-05, weight decay 0.05, 2 per GPU, global batch 16
 # on 2 GPUs, DeepSpeed ZeRO-3.
 _base_ = [

@@ -1,5 +1,5 @@
 # Full fine-tune of OpenGVLab/InternVL2-26B (InternViT-6B + internlm2-chat-20b, template internlm2-chat).
-# Official recipe (REFERENCE.md section 7, internvl_chat/shell 2nd_finetune *_full.sh): ViT frozen, mlp1 + LLM
+# Official recipe (OpenGVLab/InternVL internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_26b_internlm2_20b_dynamic_res_2nd_finetune_full.sh): ViT frozen, mlp1 + LLM
 # trained, lr 2e-05, weight decay 0.05, drop_path 0.4, 2 per GPU, global batch 128 on 8 GPUs,
 # DeepSpeed ZeRO-3.
 _base_ = [

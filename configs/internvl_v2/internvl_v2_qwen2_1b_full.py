@@ -1,5 +1,5 @@
 # Full fine-tune of OpenGVLab/InternVL2-1B (InternViT-300M + Qwen2-0.5B-Instruct, template Hermes-2).
-# Official recipe (REFERENCE.md section 7, internvl_chat/shell 2nd_finetune *_full.sh): ViT frozen, mlp1 + LLM
+# Official recipe (OpenGVLab/InternVL internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_1b_qwen2_0_5b_dynamic_res_2nd_finetune_full.sh): ViT frozen, mlp1 + LLM
 # trained, lr 4e-05, weight decay 0.01, drop_path 0.1, 4 per GPU, global batch 128 on 8 GPUs,
 # DeepSpeed ZeRO-1.
 _base_ = [

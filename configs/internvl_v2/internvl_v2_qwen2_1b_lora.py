@@ -1,5 +1,5 @@
 # LoRA fine-tune of OpenGVLab/InternVL2-1B (InternViT-300M + Qwen2-0.5B-Instruct, template Hermes-2).
-# Official recipe (REFERENCE.md section 7, *_lora.sh): LoRA r16 on the LLM (alpha 2r, dropout 0.05, official
+# Official recipe (OpenGVLab/InternVL internvl_chat/shell/internvl2.0/2nd_finetune/internvl2_1b_qwen2_0_5b_dynamic_res_2nd_finetune_lora.sh): LoRA r16 on the LLM (alpha 2r, dropout 0.05, official
 # target modules), ViT frozen, mlp1 trained, lr 4e-05, weight decay 0.01, 4 per GPU, global batch 16
 # on 2 GPUs, DeepSpeed ZeRO-1.
 _base_ = [

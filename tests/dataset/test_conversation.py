@@ -1,6 +1,6 @@
-"""Chat templates and conversation tokenization against prompts written by hand from the template table
-(REFERENCE section 5): input ids equal the whole-prompt tokenization, labels train each answer and its
-closing separator only."""
+"""Chat templates and conversation tokenization against prompts written by hand from the official templates
+(OpenGVLab/InternVL internvl_chat/internvl/conversation.py): input ids equal the whole-prompt tokenization,
+labels train each answer and its closing separator only."""
 
 from __future__ import annotations
 

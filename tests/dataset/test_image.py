@@ -25,10 +25,11 @@ from xtuner_vl.dataset.image import (
 )
 
 S = 448
-HALF_TILE_AREA = 0.5 * S * S  # REFERENCE 4: a larger tied grid wins only if w*h > 0.5 * 448^2 * cols * rows
+HALF_TILE_AREA = 0.5 * S * S  # a larger tied grid wins only if w*h > 0.5 * 448^2 * cols * rows
 
 # (width, height, min_num, max_num, use_thumbnail) -> (cols, rows, number of tiles incl. thumbnail).
-# Each derived by hand from REFERENCE.md section 4.
+# Each derived by hand from the official find_closest_aspect_ratio / dynamic_preprocess
+# (OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py).
 GRID_CASES = [
     # aspect 1: 1x1, 2x2, 3x3 tie at diff 0; area 200704 passes neither 2x2 (401408) nor 3x3 (903168).
     ((448, 448, 1, 12, True), (1, 1, 1)),
@@ -92,8 +93,9 @@ def test_grid_with_smaller_tiles():
 
 
 def _reference_grid(width: int, height: int, min_num: int, max_num: int) -> tuple[int, int]:
-    """REFERENCE 4 restated: among the grids closest in aspect, the one with most tiles whose threshold
-    the image passes, else the one with fewest tiles (min_num 1: equal tile counts never tie best)."""
+    """The official dynamic_preprocess grid rule restated: among the grids closest in aspect, the one with most
+    tiles whose threshold the image passes, else the one with fewest tiles (min_num 1: equal tile counts never
+    tie best)."""
     grids = [(c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if min_num <= c * r <= max_num]
     best = min(abs(width / height - c / r) for c, r in grids)
     tied = sorted((g for g in grids if abs(width / height - g[0] / g[1]) == best), key=lambda g: g[0] * g[1])

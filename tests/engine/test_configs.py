@@ -105,3 +105,20 @@ def test_config_name_resolution_and_unknown_keys(tmp_path):
         parse_section(ModelSettings, {"path": "x", "lora_rank": 8}, "model")
     with pytest.raises(TypeError, match="number"):
         parse_section(OptimSettings, {"lr": "fast"}, "optim")
+
+
+def test_xtuner_seed_names_resolve_and_hints_are_fuzzy():
+    from xtuner_vl.engine.deepspeed_config import load_deepspeed_config
+    from xtuner_vl.recipes.config import find_config
+
+    for seed, ours in (
+        ("internvl_v2_internlm2_5_8b_lora_finetune", "internvl_v2_internlm2_5_8b_lora"),
+        ("internvl_v2_internlm2_5_8b_qlora_finetune", "internvl_v2_internlm2_5_8b_qlora"),
+        ("internvl_v2_internlm2_5_8b_finetune", "internvl_v2_internlm2_5_8b_full"),
+        ("internvl_v1_5_phi3_4b_lora_finetune", "internvl_v1_5_phi3_4b_lora"),
+    ):
+        assert find_config(seed).stem == ours
+    for stage in (1, 2, 3):
+        assert load_deepspeed_config(f"deepspeed_zero{stage}") == load_deepspeed_config(f"zero{stage}")
+    with pytest.raises(FileNotFoundError, match=r"similar: internvl_v2_internlm2_5_8b_lora, "):
+        find_config("internvl_v2_intern2_5_8b_lora")  # a typo no substring search would find

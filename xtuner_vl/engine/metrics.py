@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,11 @@ class MetricsLogger:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.work_dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        # A progress bar only on a terminal: redirected to a file its carriage-return updates would fill the log;
+        # there the plain `step ...` lines (every runtime.log_interval steps) report progress.
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=not sys.stderr.isatty()
+        )
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 from pathlib import Path
 
 from mmengine.config import Config, DictAction
@@ -18,17 +19,28 @@ def list_configs(pattern: str | None = None) -> list[str]:
     return [n for n in names if pattern is None or pattern.lower() in n.lower()]
 
 
+def seed_alias(name: str) -> str:
+    """Our name for an xtuner (seed) config name: ``*_lora_finetune`` -> ``*_lora``, ``*_qlora_finetune`` ->
+    ``*_qlora``, ``*_finetune`` (full fine-tuning) -> ``*_full``; other names as they are."""
+    if not name.endswith("_finetune"):
+        return name
+    base = name.removesuffix("_finetune")
+    return base if base.endswith(("_lora", "_qlora", "_full")) else f"{base}_full"
+
+
 def find_config(name_or_path: str) -> Path:
-    """A path as given, or the unique shipped config with that name."""
+    """A path as given, or the unique shipped config with that name (xtuner's ``*_finetune`` names too)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    matches = [p for p in CONFIG_ROOT.rglob(f"{path.stem}.py") if "_base_" not in p.parts]
+    stem = seed_alias(path.stem)
+    matches = [p for p in CONFIG_ROOT.rglob(f"{stem}.py") if "_base_" not in p.parts]
     if len(matches) != 1:
-        hint = ", ".join(list_configs(path.stem)[:10]) or "none"
+        names = list_configs()
+        similar = difflib.get_close_matches(stem, names, n=5, cutoff=0.6) or list_configs(stem)[:5]
         raise FileNotFoundError(
             f"config {name_or_path!r}: no such file and {len(matches)} shipped configs match "
-            f"(similar: {hint}); see `xtuner-vl list-cfg`"
+            f"(similar: {', '.join(similar) or 'none'}); see `xtuner-vl list-cfg`"
         )
     return matches[0]
 

@@ -143,7 +143,8 @@ _LLAMA = {
     "pretraining_tp": 1,
 }
 
-# name -> (tokenizer family, vision config, llm config, top-level overrides); mirrors REFERENCE.md section 1.
+# name -> (tokenizer family, vision config, llm config, top-level overrides); the releases' config.json files
+# (model cards of OpenGVLab/InternVL2-*, Mini-InternVL-Chat-*-V1-5, InternVL-Chat-V1-5) at toy sizes.
 TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
     "mini-internvl-chat-2b-v1-5": (
         "internlm2",
