@@ -8,7 +8,7 @@ The inputs are generated into a temporary directory under /tmp (deleted at the e
   Written tensor by tensor through ``ShardWriter`` into ``--shard-size`` shards, so the generator holds
   one tensor at a time; the values are slices of one random pool (their values do not matter here).
 - **LoRA training checkpoint** for it, laid out exactly as the trainer writes it: a real one-step
-  ``xtuner-vl train`` of ``configs/tiny/tiny_internvl2_lora.py`` on the tiny model gives the work dir
+  ``xtuner-vl train`` of ``xtuner_vl/configs/tiny/tiny_internvl2_lora.py`` on the tiny model gives the work dir
   (dumped config, ``checkpoints/step-*/`` with ``meta.json``, ``COMPLETE``, ``torch_backend.pt``,
   ``trainer_state_rank0.pt``); then its config is re-dumped with the big base and ``--lora-rank``, and
   ``torch_backend.pt`` is rewritten by the trainer's own ``TorchBackend.save`` from the run's trainable
@@ -55,6 +55,7 @@ from safetensors import safe_open
 from xtuner_vl.adapters import apply_lora
 from xtuner_vl.adapters.lora import merge_lora
 from xtuner_vl.checkpoint import materialize, read_trained_checkpoint
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.param_groups import param_groups
 from xtuner_vl.engine.torch_backend import TorchBackend
@@ -68,7 +69,7 @@ from xtuner_vl.tiny.data import make_synthetic_dataset
 from xtuner_vl.tiny.widened import write_widened_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny" / "tiny_internvl2_lora.py"
+TINY_CONFIG = CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py"
 GB = 1e9
 
 

@@ -37,6 +37,7 @@ import torch
 
 from xtuner_vl.dataset import InternVLDataset, collate_samples
 from xtuner_vl.dataset.packing import pack_rows
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.model import load_internvl, load_tokenizer
 from xtuner_vl.model.attention import flash_attn_import_error
 from xtuner_vl.model.tokenizer import img_context_token_id
@@ -44,7 +45,7 @@ from xtuner_vl.tiny.checkpoints import make_tiny
 from xtuner_vl.tiny.data import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny"
+TINY = CONFIG_ROOT / "tiny"
 
 
 class Check:

@@ -193,7 +193,7 @@ def _cfg_names(tree: ast.AST) -> set[str]:
 
 def dataset_arguments() -> list[str]:
     """``type`` and the ``__init__`` parameters of the dataset class the shipped data config builds."""
-    cfg = Config.fromfile(str(ROOT / "configs" / "_base_" / "datasets" / "llava_sft.py"))
+    cfg = Config.fromfile(str(ROOT / "xtuner_vl" / "configs" / "_base_" / "datasets" / "llava_sft.py"))
     cls = DATASETS.get(cfg.train_dataset["type"])
     assert cls is not None, f"dataset type {cfg.train_dataset['type']!r} is not registered"
     return ["type"] + [p for p in inspect.signature(cls.__init__).parameters if p != "self"]

@@ -10,12 +10,13 @@ import torch
 
 from tests.engine.conftest import REPO, cli_args, free_port, run_cli, train_assets  # noqa: F401  (fixture)
 from xtuner_vl.checkpoint import materialize, read_trained_checkpoint
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.model import img_context_token_id, load_tokenizer
 from xtuner_vl.recipes.build_model import build_train_model
 from xtuner_vl.recipes.config import load_config
 from xtuner_vl.recipes.settings import ModelSettings, parse_section
 
-CONFIGS = {m: REPO / "configs" / "tiny" / f"tiny_internvl2_{m}.py" for m in ("full", "lora", "qlora")}
+CONFIGS = {m: CONFIG_ROOT / "tiny" / f"tiny_internvl2_{m}.py" for m in ("full", "lora", "qlora")}
 
 
 @pytest.fixture(scope="session")

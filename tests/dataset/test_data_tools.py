@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.tiny.data import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "tiny" / "tiny_internvl2_lora.py"
+CONFIG = CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.tiny.data import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny" / "tiny_internvl2_lora.py"
+TINY_CONFIG = CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py"
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

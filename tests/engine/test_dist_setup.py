@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.engine.conftest import REPO, cli_args, logged_losses, run_cli
+from tests.engine.conftest import cli_args, logged_losses, run_cli
 from xtuner_vl.dataset.samplers import DistributedRandomSampler
 from xtuner_vl.engine import deepspeed_backend
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.engine.dist import (
     RENDEZVOUS_ENV,
     DistInfo,
@@ -172,7 +173,7 @@ def test_offloaded_optimizer_is_deepspeeds_cpu_adam_with_the_groups_settings(mon
 def test_qlora_on_zero3_is_refused_before_anything_is_loaded(lone_process, preset):
     from xtuner_vl.recipes.train import train
 
-    config = str(REPO / "configs" / "tiny" / "tiny_internvl2_qlora.py")
+    config = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_qlora.py")
     # The model path does not exist: any loading would fail differently.
     with pytest.raises(ValueError, match=rf"tiny_internvl2_qlora.py: QLoRA .* DeepSpeed '{preset}' \(ZeRO-3\)") as e:
         train(config, deepspeed=preset, cfg_options={"model.path": "/nonexistent/model"})
@@ -208,7 +209,7 @@ def test_one_process_zero2_offload_run_in_process(train_assets, tmp_path, monkey
         "schedule.max_steps": 2,
         "runtime.dist_timeout_minutes": 7,
     }
-    config = str(REPO / "configs" / "tiny" / "tiny_internvl2_lora.py")
+    config = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py")
     work = train(config, deepspeed="zero2_offload", work_dir=str(tmp_path / "w"), cfg_options=options)
     assert timeouts == [timedelta(minutes=7)] and dist.get_world_size() == 1
     assert "mpi4py" not in sys.modules

@@ -13,6 +13,7 @@ import torch
 
 from xtuner_vl.cli.main import main
 from xtuner_vl.engine import memory_estimate as me
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.model import load_internvl
 from xtuner_vl.model.configuration import read_config
 from xtuner_vl.model.loader import build_empty_model
@@ -22,7 +23,7 @@ from xtuner_vl.recipes.config import list_configs
 from xtuner_vl.recipes.estimate import estimate, layer_spec
 from xtuner_vl.recipes.settings import ModelSettings
 
-TINY = "configs/tiny/tiny_internvl2_{}.py"
+TINY = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_{}.py")
 
 
 def _opts(path) -> dict:

@@ -24,6 +24,7 @@ import torch
 from tests.engine.conftest import LAUNCHER_ENV, REPO, cli_args, free_port, logged_losses, run_cli
 from xtuner_vl.checkpoint.trained import CheckpointError, read_trained_checkpoint
 from xtuner_vl.engine.checkpoint_dir import MANIFEST, CheckpointDir, checkpoint_files, manifest_of, verify_files
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.engine.io_errors import CheckpointIOError, io_errors_named
 from xtuner_vl.engine.preemption import PREEMPTED_EXIT_CODE
 
@@ -153,7 +154,7 @@ def test_convert_reads_only_checkpoints_that_verify(saved_run, tmp_path):
 
 def test_divergence_skips_updates_stops_and_is_never_saved(train_assets, tmp_path):
     work = tmp_path / "nan"
-    args = cli_args(train_assets, work, config=REPO / "configs" / "tiny" / "tiny_internvl2_full.py")
+    args = cli_args(train_assets, work, config=CONFIG_ROOT / "tiny" / "tiny_internvl2_full.py")
     proc = run_cli(args + ["optim.lr=1e30", "schedule.max_steps=12", "runtime.save_steps=2"], check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0

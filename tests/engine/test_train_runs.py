@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.engine.conftest import cli_args, free_port, logged_losses, run_cli
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -82,11 +83,10 @@ def test_two_nodes_on_one_machine(train_assets, tmp_path):
 
 @pytest.mark.parametrize("config", ["tiny_internvl2_full", "tiny_internvl2_qlora"])
 def test_full_and_qlora_single_process(train_assets, tmp_path, config):
-    from tests.engine.conftest import REPO
 
     work = tmp_path / config
     run_cli(
-        cli_args(train_assets, work, config=REPO / "configs" / "tiny" / f"{config}.py")
+        cli_args(train_assets, work, config=CONFIG_ROOT / "tiny" / f"{config}.py")
         + ["schedule.epochs=3", "runtime.save_steps=100"],
         cache=train_assets["cache"],
     )

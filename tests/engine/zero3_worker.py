@@ -15,7 +15,7 @@ import torch
 
 import xtuner_vl.recipes.train as train_recipe
 from xtuner_vl.engine.deepspeed_backend import import_deepspeed
-from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
+from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT, complete_deepspeed_config, load_deepspeed_config
 from xtuner_vl.engine.dist import init_distributed
 from xtuner_vl.engine.flops import TrainingFlops
 from xtuner_vl.engine.param_groups import param_groups
@@ -104,7 +104,7 @@ def train_losses(config: str, assets: dict, work: Path, partitioned: bool) -> di
         "runtime.save_steps": 100,
         "optim.weight_decay": 0.05,  # weight decay applies to 2-D weights only: partitioned ones must count
     }
-    train_recipe.train(str(REPO / "configs" / "tiny" / f"{config}.py"), "zero3", str(work), cfg_options=options)
+    train_recipe.train(str(CONFIG_ROOT / "tiny" / f"{config}.py"), "zero3", str(work), cfg_options=options)
     if torch.distributed.get_rank() != 0:  # rank 0 writes the log
         return {}
     records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 __all__ = ["PRESETS", "CONFIG_ROOT", "load_deepspeed_config", "complete_deepspeed_config", "zero_stage"]
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+# The shipped configs and DeepSpeed presets are package data: found the same way from a source checkout, an
+# editable install or a wheel (importlib.resources; setuptools installs them as plain files).
+CONFIG_ROOT = Path(str(files("xtuner_vl").joinpath("configs")))
 PRESETS = ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 _ALIASES = {f"deepspeed_{p}": p for p in PRESETS}
 

@@ -1,4 +1,4 @@
-"""Load MMEngine configs by file or by name (files under ``configs/``), with ``--cfg-options``."""
+"""Load MMEngine configs by file or by name (files under ``xtuner_vl/configs/``, package data), with ``--cfg-options``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["DictAction", "copy_config", "find_config", "list_configs", "load_con
 
 
 def list_configs(pattern: str | None = None) -> list[str]:
-    """Names of the shipped configs (``configs/**/*.py`` minus ``_base_`` parts), filtered by substring."""
+    """Names of the shipped configs (``xtuner_vl/configs/**/*.py`` minus ``_base_`` parts), filtered by substring."""
     names = sorted(p.stem for p in CONFIG_ROOT.rglob("*.py") if "_base_" not in p.parts)
     return [n for n in names if pattern is None or pattern.lower() in n.lower()]
 
