@@ -27,7 +27,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from xtuner_vl.cli.launch import needs_torchrun, relaunch_with_torchrun
+    from xtuner_vl.recipes.preflight import preflight
 
+    # Before torchrun: one line per problem here instead of a traceback from every rank.
+    if problems := preflight(args.config, args.work_dir, args.cfg_options):
+        print("\n".join(f"xtuner-vl train: error: {p}" for p in problems), file=sys.stderr)
+        return 2
     if needs_torchrun():
         return relaunch_with_torchrun(sys.argv[1:] if args.argv is None else args.argv)
     from xtuner_vl.engine.preemption import TrainingStopped
@@ -155,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtuner-vl", description="Fine-tune InternVL 1.5 / 2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a config (file or name under configs/)")
+    p = sub.add_parser("train", help="train from a config (file, or name of a shipped config: list-cfg)")
     p.add_argument("config")
     p.add_argument(
         "--deepspeed", default=None, help="zero1|zero2|zero3|zero2_offload|zero3_offload|deepspeed_zero2|file.json"

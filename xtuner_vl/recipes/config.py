@@ -1,4 +1,4 @@
-"""Load MMEngine configs by file or by name (files under ``xtuner_vl/configs/``, package data), with ``--cfg-options``."""
+"""Load MMEngine configs by file or by name (package data under ``xtuner_vl/configs/``), with ``--cfg-options``."""
 
 from __future__ import annotations
 
