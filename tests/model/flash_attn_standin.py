@@ -72,6 +72,18 @@ def flash_attn_func(
     return torch.stack([_attend(q[i], k[i], v[i], softmax_scale, causal) for i in range(q.shape[0])])
 
 
+varlen_calls: list[tuple[int, int]] = []  # (segments, max length) of each torch varlen_attn call
+
+
+def varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """``torch.nn.attention.varlen.varlen_attn``'s contract (CUDA-only in torch), one segment at a time."""
+    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and isinstance(max_q, int)
+    bounds = cu_seq_q.tolist()
+    assert bounds[-1] == q.shape[0] and max_q == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    varlen_calls.append((len(bounds) - 1, max_q))
+    return torch.cat([_attend(q[a:b], k[a:b], v[a:b], scale, True) for a, b in zip(bounds, bounds[1:], strict=False)])
+
+
 def flash_attn_with_kvcache(*args, **kwargs):
     raise NotImplementedError("not used in training")
 

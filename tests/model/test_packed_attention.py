@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.model import flash_attn_standin
 from xtuner_vl.dataset import InternVLDataset, collate_samples
@@ -19,28 +18,6 @@ from xtuner_vl.model.attention import resolve_attn_implementation
 from xtuner_vl.model.tokenizer import img_context_token_id
 from xtuner_vl.structures import Sample
 from xtuner_vl.tiny.data import make_synthetic_dataset
-
-varlen_calls: list[tuple[int, int]] = []
-
-
-def _varlen_standin(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-    """torch.nn.attention.varlen.varlen_attn's contract, on the CPU, one segment at a time."""
-    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k) and isinstance(max_q, int)
-    bounds = cu_seq_q.tolist()
-    assert bounds[-1] == q.shape[0] and max_q == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
-    varlen_calls.append((len(bounds) - 1, max_q))
-    parts = [
-        F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1),
-            k[a:b].transpose(0, 1),
-            v[a:b].transpose(0, 1),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=enable_gqa,
-        ).transpose(0, 1)
-        for a, b in zip(bounds, bounds[1:], strict=False)
-    ]
-    return torch.cat(parts)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +45,8 @@ def backend(request, monkeypatch):
     elif request.param == "torch_varlen":
         import torch.nn.attention.varlen as varlen
 
-        monkeypatch.setattr(varlen, "varlen_attn", _varlen_standin)
-        varlen_calls.clear()
+        monkeypatch.setattr(varlen, "varlen_attn", flash_attn_standin.varlen_attn)
+        flash_attn_standin.varlen_calls.clear()
     return request.param
 
 
@@ -124,7 +101,7 @@ def test_packed_rows_equal_unpacked(tiny_ckpt, samples, backend, family):
     if backend == "flash_attention_2":
         assert set(flash_attn_standin.calls) == {"varlen"}
     if backend == "torch_varlen":
-        assert (len(packed.batch.cu_seqlens) - 1, packed.batch.max_seqlen) in varlen_calls
+        assert (len(packed.batch.cu_seqlens) - 1, packed.batch.max_seqlen) in flash_attn_standin.varlen_calls
     if backend != "sdpa":
         # The check above can fail: without the boundaries, transformers runs plain causal attention
         # over several rows, and the second sample of a row sees the first.

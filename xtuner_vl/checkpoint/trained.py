@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from xtuner_vl.engine.checkpoint_dir import MANIFEST, CheckpointDir, manifest_of, verify_files
+from xtuner_vl.engine.checkpoint_dir import MANIFEST, CheckpointDir, verify_checkpoint
 
 __all__ = ["CheckpointError", "TrainedCheckpoint", "read_trained_checkpoint", "materialize", "nonfinite_tensors"]
 
@@ -62,21 +62,13 @@ def _step_dir(path: Path) -> Path:
         if not complete:
             raise CheckpointError(f"{path}: work dir without a complete checkpoint under checkpoints/")
         for step in reversed(complete):  # the newest that verifies
-            if (reason := _verify(step)) is None:
+            if (reason := verify_checkpoint(step)) is None:
                 return step
             print(f"skipping {step}: fails verification ({reason})", flush=True)
         raise CheckpointError(f"{path}: no checkpoint under checkpoints/ verifies against its {MANIFEST}")
     if path.is_dir() and path.name == _DS_TAG and (path.parent / "meta.json").is_file():
         return path.parent
     return path
-
-
-def _verify(step: Path) -> str | None:
-    try:
-        manifest = manifest_of(step)
-    except (OSError, ValueError) as e:
-        return f"unreadable {MANIFEST} ({e})"
-    return None if manifest is None else verify_files(step, manifest, sorted(manifest))
 
 
 def _load_deepspeed(step: Path) -> dict[str, Any]:
@@ -106,7 +98,7 @@ def read_trained_checkpoint(path: str | os.PathLike) -> TrainedCheckpoint:
         return TrainedCheckpoint(step, meta, state, "torch")
     if (step / "meta.json").is_file() and not (step / "COMPLETE").is_file():
         raise CheckpointError(f"{step}: checkpoint has no COMPLETE marker (its save was interrupted)")
-    if (step / "COMPLETE").is_file() and (reason := _verify(step)) is not None:
+    if (step / "COMPLETE").is_file() and (reason := verify_checkpoint(step)) is not None:
         raise CheckpointError(f"{step}: the checkpoint fails verification ({reason})")
     meta = json.loads((step / "meta.json").read_text()) if (step / "meta.json").is_file() else {}
     if (step / _TORCH_FILE).is_file():

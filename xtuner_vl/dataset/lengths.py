@@ -8,6 +8,7 @@ estimator settings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -68,7 +69,14 @@ def _estimate_chunk(args: tuple[AnnotationFile, int, int, dict]) -> tuple[np.nda
 
 
 def file_hash(path: Path) -> str:
-    """SHA-256 of a file's content."""
+    """SHA-256 of a file's content; read once per process while its size and mtime stay the same (the lengths
+    cache and the resume data signature both ask for it)."""
+    st = Path(path).stat()
+    return _file_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -30,6 +30,7 @@ __all__ = [
     "checkpoint_files",
     "hash_files",
     "verify_files",
+    "verify_checkpoint",
     "manifest_of",
     "rng_state",
     "set_rng_state",
@@ -172,3 +173,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def verify_checkpoint(directory: Path, share: int = 0, shares: int = 1) -> str | None:
+    """None when share ``share`` of ``shares`` of the files of checkpoint ``directory`` match its manifest (all
+    of them by default), else why not. A checkpoint written before manifests existed passes (nothing to check)."""
+    try:
+        manifest = manifest_of(directory)
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    return None if manifest is None else verify_files(directory, manifest, sorted(manifest)[share::shares])

@@ -18,19 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from xtuner_vl.dataset.collate import CollatedBatch, SkippedSample
 from xtuner_vl.engine.backend import Backend, set_group_lrs
 from xtuner_vl.engine.checkpoint_dir import (
-    MANIFEST,
     CheckpointDir,
     checkpoint_files,
     hash_files,
-    manifest_of,
     rng_state,
     set_rng_state,
-    verify_files,
+    verify_checkpoint,
 )
 from xtuner_vl.engine.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, merge
 from xtuner_vl.engine.flops import TrainingFlops
@@ -147,14 +144,7 @@ class Trainer:
     def verify(self, path: Path) -> str | None:
         """(all ranks) None when every file of checkpoint ``path`` matches its manifest, else why not; each rank
         re-hashes its share. A checkpoint written before manifests existed passes (nothing to check)."""
-        try:
-            manifest = manifest_of(path)
-        except (OSError, ValueError) as e:
-            return f"unreadable {MANIFEST} ({e})"
-        if manifest is None:
-            return None
-        names = sorted(manifest)
-        reasons = all_gather_objects(verify_files(path, manifest, names[self.dist.rank :: self.dist.world_size]))
+        reasons = all_gather_objects(verify_checkpoint(path, self.dist.rank, self.dist.world_size))
         return next((r for r in reasons if r), None)
 
     def newest_verified(self) -> Path | None:
@@ -286,10 +276,7 @@ class Trainer:
         self.progress.seen += int(counts[0])
         self.progress.skipped += int(counts[1])
         self.progress.overflow_rows += int(counts[2])
-        reasons: list[list[SkippedSample]] = [local]
-        if dist.is_initialized():
-            reasons = [None] * self.dist.world_size  # type: ignore[list-item]
-            dist.all_gather_object(reasons, local)
+        reasons: list[list[SkippedSample]] = all_gather_objects(local)
         if self.dist.is_main:
             for s in (s for rank_skips in reasons for s in rank_skips):
                 self.logger.message(f"skipped sample {s.source}:{s.line}: {s.reason}")
@@ -316,12 +303,8 @@ class Trainer:
                 f"step {p.step}: loss {stats['loss']}, gradient norm {stats['grad_norm']}: update skipped"
             )
             return
-        samples: list[list[str]] = [[self.describe_sample(i) for cb in micro for i in cb.sample_indices]]
-        if dist.is_initialized():
-            gathered = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, samples[0])
-            samples = gathered  # type: ignore[assignment]
-        names = [name for rank in samples for name in rank]
+        local = [self.describe_sample(i) for cb in micro for i in cb.sample_indices]
+        names = [name for rank in all_gather_objects(local) for name in rank]
         raise TrainingAborted(
             f"step {p.step}: {p.nonfinite_run} steps in a row with a non-finite loss or gradient norm (loss "
             f"{stats['loss']}, gradient norm {stats['grad_norm']}; runtime.max_nonfinite_steps="
