@@ -63,7 +63,8 @@ from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.weights import weight_files
 from xtuner_vl.recipes.config import load_config
 from xtuner_vl.recipes.convert import expected_trainable_model
-from xtuner_vl.recipes.settings import ModelSettings, OptimSettings, parse_section
+from xtuner_vl.recipes.model_wrapper import build_model_wrapper
+from xtuner_vl.recipes.settings import OptimSettings, parse_section
 from xtuner_vl.tiny.checkpoints import make_tiny
 from xtuner_vl.tiny.data import make_synthetic_dataset
 from xtuner_vl.tiny.widened import write_widened_checkpoint
@@ -122,13 +123,13 @@ def transplant(tiny_work: Path, base: Path, out: Path, lora_rank: int, seed: int
     """The tiny run's work dir, re-pointed at ``base``, with the big run's trainable weights and optimizer."""
     shutil.copytree(tiny_work, out)
     (dumped,) = out.glob("*.py")
-    cfg = load_config(str(dumped), {"model.path": str(base), "model.llm_lora_rank": lora_rank})
+    cfg = load_config(str(dumped), {"model.path": str(base), "model.lora.llm_rank": lora_rank})
     cfg.dump(str(dumped))
     (step,) = (out / "checkpoints").glob("step-*")
     meta = json.loads((step / "meta.json").read_text())
     meta["model_path"] = str(base)
     (step / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # as CheckpointDir.commit
-    model = expected_trainable_model(parse_section(ModelSettings, cfg.get("model"), "model"))
+    model = expected_trainable_model(build_model_wrapper(cfg.get("model")))
     _fill_trainable(model, seed)
     optim = parse_section(OptimSettings, cfg.get("optim"), "optim")
     optimizer = torch.optim.AdamW(param_groups(model, optim.lr, optim.weight_decay, optim.lr_mult), lr=optim.lr)
@@ -158,9 +159,9 @@ def check_layout(tiny_work: Path, big_work: Path) -> None:
 # -------------------------------------------------------------------------------------------- baseline
 def naive_merge(config: str, ckpt: str, out: str, max_shard_size: str) -> None:
     """The whole-model way: load, wrap with LoRA, load the trained weights, merge_and_unload, save."""
-    s = parse_section(ModelSettings, load_config(config).get("model"), "model")
+    s = build_model_wrapper(load_config(config).get("model"))
     model = load_internvl(s.path, dtype=torch.bfloat16)
-    apply_lora(model, s.llm_lora_rank, s.vit_lora_rank, s.lora_alpha, s.lora_dropout, s.llm_lora_targets)
+    apply_lora(model, s.lora.llm_rank, s.lora.vit_rank, s.lora.alpha, s.lora.dropout, s.lora.llm_targets)
     trained = {k: materialize(v) for k, v in read_trained_checkpoint(ckpt).state.items()}
     result = model.load_state_dict(trained, strict=False)
     if result.unexpected_keys:
@@ -280,7 +281,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=92553, help="LLM vocabulary (InternVL2-2B: 92553)")
     parser.add_argument("--shard-size", default="1GB", help="largest shard of the generated base checkpoint")
     parser.add_argument("--max-shard-size", default="5GB", help="convert --max-shard-size (its default: 5GB)")
-    parser.add_argument("--lora-rank", type=int, default=16, help="llm_lora_rank of the run (official LoRA: 16)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="model.lora.llm_rank of the run (official LoRA: 16)")
     parser.add_argument("--tmp", default="/tmp", help="where the temporary directory goes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated weights")
     parser.add_argument("--naive", nargs=4, metavar=("CONFIG", "CKPT", "OUT", "SIZE"), help=argparse.SUPPRESS)

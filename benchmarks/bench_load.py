@@ -9,9 +9,9 @@ parameters, ~6.2 GB in bf16; the ViT stays tiny). It is written tensor by tensor
 Both runs are the training code path on two ranks (gloo, CPU, one process per rank started by this script),
 for the official LoRA method (LoRA r16 on the LLM, ViT frozen, mlp1 trained) in bf16, with the zero3 preset:
 
-- **old**: ``build_train_model(settings, cpu)``: every rank loads the whole model (``load_internvl``), then
+- **old**: ``settings.build(cpu)``: every rank loads the whole model (``load_internvl``), then
   ``DeepSpeedBackend`` (``deepspeed.initialize``) partitions it, as training did before partitioned loading;
-- **new**: ``build_train_model(settings, cpu, ds_config)``: each parameter is partitioned as rank 0 reads
+- **new**: ``settings.build(cpu, ds_config)``: each parameter is partitioned as rank 0 reads
   it (``xtuner_vl/engine/zero3_load.py``), then the same ``DeepSpeedBackend``.
 
 Each rank reports from its own ``/proc/self/status``: ``VmRSS`` once imports and the process group are up
@@ -66,20 +66,21 @@ def rank_main(path: str, mode: str, out: str) -> None:
     from xtuner_vl.engine.param_groups import param_groups
     from xtuner_vl.engine.seed import seed_everything
     from xtuner_vl.model import read_config
-    from xtuner_vl.recipes.build_model import build_train_model
-    from xtuner_vl.recipes.settings import ModelSettings
+    from xtuner_vl.recipes.model_wrapper import InternVLChat
 
     d = init_distributed("cpu")
     deepspeed = import_deepspeed(d.device)
     deepspeed.init_distributed(dist_backend="gloo")
-    s = ModelSettings(path=path, dtype="bf16", llm_lora_rank=16, freeze_vit=True, gradient_checkpointing=True)
+    s = InternVLChat(
+        path=path, dtype="bf16", gradient_checkpointing=True, freeze=dict(vit=True), lora=dict(llm_rank=16)
+    )
     hidden = read_config(path).llm_config["hidden_size"]
     ds = complete_deepspeed_config(load_deepspeed_config("zero3"), 1, 1, d.world_size, 1.0, True, hidden)
     seed_everything(0)
     barrier()
     report = {"rank": d.rank, "imports": status_bytes("VmRSS")}
     t0 = time.perf_counter()
-    model = build_train_model(s, d.device, ds if mode == "new" else None)
+    model = s.build(d.device, ds if mode == "new" else None)
     barrier()
     report.update(load_s=time.perf_counter() - t0, load_peak=status_bytes("VmHWM"))
     optimizer = torch.optim.AdamW(param_groups(model, 1e-5, 0.0))

@@ -66,7 +66,12 @@ def make_ours(ckpt: Path, work_dir: Path, batch: Batch):
         total_steps=10**9, steps_per_epoch=10**9, grad_accum=1, micro_batch_size=1, lr=LR, warmup_steps=0
     )
     trainer = Trainer(
-        backend, lambda: iter(()), sampler=None, settings=settings, dist_info=dist_info, work_dir=work_dir,
+        backend,
+        lambda: iter(()),
+        sampler=None,
+        settings=settings,
+        dist_info=dist_info,
+        work_dir=work_dir,
         flops=TrainingFlops(model),  # as `xtuner-vl train` sets it: the step also counts its FLOPs (MFU)
     )
     micro = [CollatedBatch(batch, [], batch.input_ids.shape[0])]  # one micro-step per optimizer step

@@ -55,9 +55,9 @@ from xtuner_vl.engine.trainer import Trainer, TrainerSettings
 from xtuner_vl.model import load_internvl
 from xtuner_vl.model.attention import resolve_attn_implementation
 from xtuner_vl.model.releases import resolve_model_config
-from xtuner_vl.recipes.build_model import apply_method
 from xtuner_vl.recipes.config import load_config
-from xtuner_vl.recipes.settings import DataLoaderSettings, ModelSettings, parse_section
+from xtuner_vl.recipes.model_wrapper import build_model_wrapper
+from xtuner_vl.recipes.settings import DataLoaderSettings
 from xtuner_vl.structures import IGNORE_INDEX, Sample
 from xtuner_vl.tiny.checkpoints import make_tiny, random_model
 
@@ -97,7 +97,7 @@ class SyntheticSamples(Dataset):
 def build_model(args, device: torch.device, dtype: torch.dtype, tmp: Path):
     """The model with the config's method applied, and a short description."""
     cfg = load_config(args.config)
-    settings = parse_section(ModelSettings, cfg.get("model"), "model")
+    settings = build_model_wrapper(cfg.get("model"))
     # The trainer's choice: a variable-length back-end on CUDA (flash-attn 2, else torch varlen_attn).
     settings = replace(settings, attn_implementation=resolve_attn_implementation(settings.attn_implementation, device))
     if args.tiny:
@@ -110,7 +110,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype, tmp: Path):
         vocab = config.llm_config["vocab_size"]
         model = random_model(config, vocab - 1, device, dtype, attn_implementation=settings.attn_implementation)
         name = release or settings.path
-    model = apply_method(model, settings, dtype)
+    model = settings.apply_method(model, dtype)
     return model, settings, name
 
 
@@ -185,12 +185,22 @@ def main() -> None:
 
         mix, _ = make_mix(args.samples, 0, args.max_patch, args.max_length, "sized")
         dataset = SyntheticSamples(
-            mix, args.max_length, model.language_model.config.vocab_size, model.img_context_token_id,
-            model.config.image_size, seed=0,
+            mix,
+            args.max_length,
+            model.language_model.config.vocab_size,
+            model.img_context_token_id,
+            model.config.image_size,
+            seed=0,
         )
         defaults = DataLoaderSettings()
-        packed = PackedDataset(dataset, args.pack_length or defaults.pack_length, defaults.pack_max_tiles, 0,
-                               defaults.pack_window, defaults.pack_headroom)
+        packed = PackedDataset(
+            dataset,
+            args.pack_length or defaults.pack_length,
+            defaults.pack_max_tiles,
+            0,
+            defaults.pack_window,
+            defaults.pack_headroom,
+        )
         lengths, multimodal = dataset.length_stats()
         workers = 0 if args.tiny else 4
         # As `xtuner-vl train` collates: host-side indices, tiles in the compute dtype, pinned batches.
@@ -198,10 +208,24 @@ def main() -> None:
         pin = device.type == "cuda"
         grouped = LengthGroupedSampler(lengths, multimodal, args.micro_batch, 0, 1, 0, defaults.group_factor)
         loaders = {
-            "unpacked": DataLoader(dataset, batch_size=args.micro_batch, sampler=grouped, drop_last=True,
-                                   num_workers=workers, collate_fn=collate, pin_memory=pin),
-            "packed": DataLoader(packed, batch_size=args.rows, sampler=DistributedRandomSampler(len(packed), 0, 1, 0),
-                                 drop_last=True, num_workers=workers, collate_fn=collate, pin_memory=pin),
+            "unpacked": DataLoader(
+                dataset,
+                batch_size=args.micro_batch,
+                sampler=grouped,
+                drop_last=True,
+                num_workers=workers,
+                collate_fn=collate,
+                pin_memory=pin,
+            ),
+            "packed": DataLoader(
+                packed,
+                batch_size=args.rows,
+                sampler=DistributedRandomSampler(len(packed), 0, 1, 0),
+                drop_last=True,
+                num_workers=workers,
+                collate_fn=collate,
+                pin_memory=pin,
+            ),
         }
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -219,12 +243,16 @@ def main() -> None:
             for layout, loader in loaders.items()
         }
 
-    print(f"\n{'layout':<9} {'tokens/s':>9} {'processed/s':>11} {'real frac':>9} {'samples/s':>9} {'step ms':>8} "
-          f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    print(
+        f"\n{'layout':<9} {'tokens/s':>9} {'processed/s':>11} {'real frac':>9} {'samples/s':>9} {'step ms':>8} "
+        f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}"
+    )
     for layout, r in results.items():
         mfu = f"{r['tflops'] * 1e12 / peak:6.1%}" if peak else f"{'-':>6}"
-        print(f"{layout:<9} {r['tokens_per_s']:>9.0f} {r['processed_per_s']:>11.0f} {r['real_fraction']:>9.3f} "
-              f"{r['samples_per_s']:>9.2f} {r['step_ms']:>8.1f} {r['tflops']:>8.3g} {mfu} {r['peak_gib']:>8.2f}")
+        print(
+            f"{layout:<9} {r['tokens_per_s']:>9.0f} {r['processed_per_s']:>11.0f} {r['real_fraction']:>9.3f} "
+            f"{r['samples_per_s']:>9.2f} {r['step_ms']:>8.1f} {r['tflops']:>8.3g} {mfu} {r['peak_gib']:>8.2f}"
+        )
     u, p = results["unpacked"], results["packed"]
     if args.json is not None:
         for r in results.values():

@@ -151,7 +151,7 @@ def train_run(
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
     records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records]
+    losses = [r["loss"] for r in records if "loss" in r]  # evaluation records have none
     if len(losses) != 3 or not all(math.isfinite(x) for x in losses):
         raise AssertionError(f"losses {losses}")
     peak = max(r.get("peak_mem_gib", float("nan")) for r in records)
@@ -165,16 +165,15 @@ def zero3_load_child(path: str, out: str) -> None:
     from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
     from xtuner_vl.engine.dist import init_distributed
     from xtuner_vl.model import read_config
-    from xtuner_vl.recipes.build_model import build_train_model
-    from xtuner_vl.recipes.settings import ModelSettings
+    from xtuner_vl.recipes.model_wrapper import InternVLChat
 
     d = init_distributed()
     cuda = d.device.type == "cuda"
     hidden = read_config(path).llm_config["hidden_size"]
     ds = complete_deepspeed_config(load_deepspeed_config("zero3"), 1, 1, 1, 1.0, cuda, hidden)
-    s = ModelSettings(path=path, dtype="bf16" if cuda else "fp32", llm_lora_rank=16)
+    s = InternVLChat(path=path, dtype="bf16" if cuda else "fp32", lora=dict(llm_rank=16))
     before = torch.cuda.memory_allocated(d.device) if cuda else 0
-    build_train_model(s, d.device, ds)
+    s.build(d.device, ds)
     if cuda:
         peak = torch.cuda.max_memory_allocated(d.device) - before
     else:  # the process's peak RSS: a smoke figure only

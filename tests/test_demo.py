@@ -22,12 +22,17 @@ from xtuner_vl.tiny.quiz import CHOICES, choose_answer, make_quiz, quiz_accuracy
 @pytest.mark.slow
 def test_demo_learns_the_task_end_to_end(tmp_path):
     # The default --steps: the same run as the README's command (about 3 minutes on 2 cores).
-    proc = subprocess.run([sys.executable, "-m", "xtuner_vl.cli.main", "demo", "--work-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xtuner_vl.cli.main", "demo", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "check-data: 2800 records checked, 0 problems" in proc.stdout
-    before, after = map(float, re.search(r"accuracy ([\d.]+)% \(untrained\) -> ([\d.]+)% \(trained\)",
-                                         proc.stdout).groups())
+    before, after = map(
+        float, re.search(r"accuracy ([\d.]+)% \(untrained\) -> ([\d.]+)% \(trained\)", proc.stdout).groups()
+    )
     assert before < 40 and after >= 100 * PASS_ACCURACY, proc.stdout[-3000:]
     assert "all_gather_into_tensor" not in proc.stderr  # DeepSpeed's per-step deprecation warning is filtered
     assert (tmp_path / "train" / "loss_curve.png").is_file()
@@ -64,8 +69,15 @@ def test_quiz_scoring_and_chance_level(tmp_path):
     model, tokenizer = load_internvl(model_dir, dtype=torch.float32).eval(), load_tokenizer(model_dir)
     records = [json.loads(x) for x in quiz.read_text().splitlines()]
     expanded = quiz.with_name("quiz.choices.jsonl")  # written by quiz_accuracy: one line per choice
-    dataset = InternVLDataset(str(expanded), tokenizer, image_folders=str(images), model_path=model_dir,
-                              max_dynamic_patch=1, training=False, strict=True)
+    dataset = InternVLDataset(
+        str(expanded),
+        tokenizer,
+        image_folders=str(images),
+        model_path=model_dir,
+        max_dynamic_patch=1,
+        training=False,
+        strict=True,
+    )
     assert len(dataset) == sum(len(r["choices"]) for r in records)
     picks = []
     with torch.no_grad():

@@ -19,7 +19,7 @@ from mmengine.config import Config
 
 from xtuner_vl.cli.main import build_parser
 from xtuner_vl.recipes import settings
-from xtuner_vl.registry import DATASETS
+from xtuner_vl.registry import DATASETS, MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -138,14 +138,19 @@ def cli_gaps(text: str, commands: dict[str, argparse.ArgumentParser]) -> list[st
 
 
 def settings_sections() -> dict[type, str | None]:
-    """Each settings dataclass -> the config section train.py parses it from (None: not parsed there)."""
-    tree = ast.parse((ROOT / "xtuner_vl" / "recipes" / "train.py").read_text(encoding="utf-8"))
+    """Each settings dataclass -> the config section it is parsed from (None: parsed nowhere): train.py's
+    ``parse_section(Cls, ..., "name")``, the model wrapper's nested ``_section(Cls, ..., "model.name")``;
+    and the registered model wrapper ``InternVLChat`` itself -> ``model``."""
     parsed = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "parse_section":
-            parsed[getattr(settings, node.args[0].id)] = node.args[2].value
+    for file, function in (("train.py", "parse_section"), ("model_wrapper.py", "_section")):
+        tree = ast.parse((ROOT / "xtuner_vl" / "recipes" / file).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == function:
+                parsed[getattr(settings, node.args[0].id)] = node.args[2].value
     classes = [getattr(settings, n) for n in settings.__all__ if dataclasses.is_dataclass(getattr(settings, n))]
-    return {cls: parsed.get(cls) for cls in classes}
+    wrapper = MODELS.get("InternVLChat")
+    assert wrapper is not None and dataclasses.is_dataclass(wrapper), "InternVLChat is not a registered dataclass"
+    return {wrapper: "model", **{cls: parsed.get(cls) for cls in classes}}
 
 
 def _loads_config(fn: ast.FunctionDef) -> bool:
@@ -274,6 +279,12 @@ def test_cli_checker_reports_a_missing_option_choice_and_command():
 def test_config_checker_reports_a_missing_field_and_argument():
     text = doc("en", "config.md")
     assert "optim.lr_mult" in config_gaps(text.replace("`lr_mult`", "lr_mult"))
+    assert "model.drop_path_rate" in config_gaps(text.replace("`drop_path_rate`", "drop_path_rate"))
+    assert "model.lora.llm_targets" in config_gaps(text.replace("`llm_targets`", "llm_targets"))
+    assert "model.freeze.unfreeze_vit_layers" in config_gaps(text.replace("| `unfreeze_vit_layers`", "| x"))
+    assert "model.quantization.llm" in config_gaps(text.replace("| `llm` | str", "| x | str"))
+    missing = text.replace("### `model.freeze`", "### model.freeze")
+    assert "no section headed `model.freeze` (FreezeSettings)" in config_gaps(missing)
     assert "train_dataset.max_image_pixels" in config_gaps(text.replace("`max_image_pixels`", ""))
     assert "no section headed `runtime` (RuntimeSettings)" in config_gaps(text.replace("## `runtime`", "## runtime"))
 
@@ -283,7 +294,9 @@ def test_link_checker_and_sections_ignore_code_and_see_breakage():
     text = "# T\n\n## A `b`\n\n```bash\n# not a heading\n[x](missing.md)\n```\n"
     text += "[ok](#a-b) [bad](#nope) [gone](nope.md) `[code](nowhere.md)`\n"
     assert [h[2] for h in headings(text)] == ["T", "A `b`"]
-    assert broken_links(page, text) == ["docs/en/index.md: #nope (no such heading in index.md)",
-                                        "docs/en/index.md: nope.md (no such file)"]
+    assert broken_links(page, text) == [
+        "docs/en/index.md: #nope (no such heading in index.md)",
+        "docs/en/index.md: nope.md (no such file)",
+    ]
     assert section(text, "b").startswith("## A `b`") and section(text, "c") is None
-    assert slug("`model` — ModelSettings") == "model--modelsettings"
+    assert slug("`model.freeze` — FreezeSettings") == "modelfreeze--freezesettings"

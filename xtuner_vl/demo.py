@@ -64,8 +64,12 @@ def run_demo(work_dir: str | Path = "work_dirs/demo", steps: int = 700) -> int:
     before = quiz_accuracy_of_dir(model, quiz, quiz_images, max_dynamic_patch=1)
     print(f"      held-out quiz ({quiz}), untrained model: {before.summary()}", flush=True)
 
-    options = [f"model.path={model}", f"train_dataset.data_paths=['{data}']",
-               f"train_dataset.image_folders=['{images}']", f"schedule.max_steps={steps}"]
+    options = [
+        f"model.path={model}",
+        f"train_dataset.data_paths=['{data}']",
+        f"train_dataset.image_folders=['{images}']",
+        f"schedule.max_steps={steps}",
+    ]
     config = str(find_config(DEMO_CONFIG))
     check = _run(["check-data", config, "--cfg-options", *options])
     if check.returncode:
@@ -74,14 +78,18 @@ def run_demo(work_dir: str | Path = "work_dirs/demo", steps: int = 700) -> int:
 
     nproc = 2 if (os.cpu_count() or 1) >= 2 else 1
     env = {**os.environ, "NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1", "PORT": str(_free_port())}
-    print(f"[3/5] training LoRA (config {DEMO_CONFIG}), DeepSpeed ZeRO-2, {nproc} process(es), {steps} steps",
-          flush=True)
+    print(
+        f"[3/5] training LoRA (config {DEMO_CONFIG}), DeepSpeed ZeRO-2, {nproc} process(es), {steps} steps", flush=True
+    )
     train_dir = work / "train"
-    train = subprocess.run([*_CLI, "train", config, "--deepspeed", "zero2", "--work-dir", str(train_dir),
-                            "--cfg-options", *options], env=env)
+    train = subprocess.run(
+        [*_CLI, "train", config, "--deepspeed", "zero2", "--work-dir", str(train_dir), "--cfg-options", *options],
+        env=env,
+    )
     if train.returncode:
         return train.returncode
-    log = [json.loads(x)["loss"] for x in (train_dir / "train_log.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (train_dir / "train_log.jsonl").read_text().splitlines()]
+    log = [r["loss"] for r in records if "loss" in r]  # evaluation records have none
     k = max(1, len(log) // 10)  # mean of the first and the last tenth of the steps
     print(f"      loss {sum(log[:k]) / k:.3f} (first {k} steps) -> {sum(log[-k:]) / k:.3f} (last {k})")
 

@@ -1,19 +1,12 @@
-"""One MMEngine registry per kind of object; used only where configs are built."""
+"""The MMEngine registries that configs build from: ``model = dict(type=...)`` and ``*_dataset = dict(type=...)``."""
 
 from __future__ import annotations
 
 from mmengine.registry import Registry
 
-__all__ = ["MODELS", "DATASETS", "TOKENIZERS", "SAMPLERS", "build"]
+__all__ = ["MODELS", "DATASETS"]
 
-MODELS = Registry("model", locations=["xtuner_vl.model"])
-TOKENIZERS = Registry("tokenizer", locations=["xtuner_vl.model"])
+# Model wrappers (xtuner_vl/recipes/model_wrapper.py): an official directory prepared for training.
+MODELS = Registry("model", locations=["xtuner_vl.recipes.model_wrapper"])
+# Datasets (xtuner_vl/dataset/internvl_dataset.py): LLaVA-style sources tokenized with the model's template.
 DATASETS = Registry("dataset", locations=["xtuner_vl.dataset"])
-SAMPLERS = Registry("sampler", locations=["xtuner_vl.dataset"])
-
-
-def build(registry: Registry, cfg: dict | object) -> object:
-    """Build ``cfg`` (a dict with ``type``: a registered name or the class/function itself)."""
-    if not isinstance(cfg, dict):
-        return cfg
-    return registry.build(cfg)

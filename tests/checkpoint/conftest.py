@@ -12,9 +12,8 @@ from tests.engine.conftest import REPO, cli_args, free_port, run_cli, train_asse
 from xtuner_vl.checkpoint import materialize, read_trained_checkpoint
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.model import img_context_token_id, load_tokenizer
-from xtuner_vl.recipes.build_model import build_train_model
 from xtuner_vl.recipes.config import load_config
-from xtuner_vl.recipes.settings import ModelSettings, parse_section
+from xtuner_vl.recipes.model_wrapper import build_model_wrapper
 
 CONFIGS = {m: CONFIG_ROOT / "tiny" / f"tiny_internvl2_{m}.py" for m in ("full", "lora", "qlora")}
 
@@ -65,9 +64,8 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 
 def rebuilt_training_model(work: Path) -> torch.nn.Module:
     """The run's training model rebuilt in fp32 on CPU with the checkpoint's trainable weights loaded."""
-    settings = parse_section(ModelSettings, load_config(str(dumped_config(work))).get("model"), "model")
-    settings.dtype, settings.gradient_checkpointing = "fp32", False
-    model = build_train_model(settings, torch.device("cpu"))
+    cfg = load_config(str(dumped_config(work))).get("model")
+    model = build_model_wrapper(cfg, dtype="fp32", gradient_checkpointing=False).build(torch.device("cpu"))
     state = {k: materialize(v).float() for k, v in read_trained_checkpoint(work).state.items()}
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys

@@ -49,18 +49,36 @@ def _records(log: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def assets(train_assets) -> dict:
     """The tiny model and its synthetic images that tile into several tiles (+ thumbnail)."""
-    model_dir, tokenizer, cfg = train_assets["model"], load_tokenizer(train_assets["model"]), read_config(
-        train_assets["model"])
-    images = [p for p in sorted(train_assets["images"].iterdir()) if tile_count(
-        *Image.open(p).size, cfg.min_dynamic_patch, cfg.max_dynamic_patch // 2, cfg.image_size, True) > 1]
-    return {"model": model_dir, "images": images, "cfg": cfg, "tokenizer": tokenizer,
-            "ctx": tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")}
+    model_dir, tokenizer, cfg = (
+        train_assets["model"],
+        load_tokenizer(train_assets["model"]),
+        read_config(train_assets["model"]),
+    )
+    images = [
+        p
+        for p in sorted(train_assets["images"].iterdir())
+        if tile_count(*Image.open(p).size, cfg.min_dynamic_patch, cfg.max_dynamic_patch // 2, cfg.image_size, True) > 1
+    ]
+    return {
+        "model": model_dir,
+        "images": images,
+        "cfg": cfg,
+        "tokenizer": tokenizer,
+        "ctx": tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+    }
 
 
 def _run_with_stdin(args: list[str], stdin: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "xtuner_vl.cli.main", *args], input=stdin, env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xtuner_vl.cli.main", *args],
+        input=stdin,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -79,7 +97,7 @@ def test_one_shot_image_cli_streams_the_answer_to_the_official_prompt(assets, tm
     assert record["input_ids"] == assets["tokenizer"](_official([("<image>\nWhat is it?", None)], counts))["input_ids"]
     assert record["input_ids"].count(assets["ctx"]) == counts[0] > 256  # tiled + thumbnail
     assert proc.stdout.startswith("ASSISTANT: ") and proc.stdout.endswith("\n")
-    assert proc.stdout[len("ASSISTANT: "):].strip() == record["answer"] != ""  # what was streamed is the answer
+    assert proc.stdout[len("ASSISTANT: ") :].strip() == record["answer"] != ""  # what was streamed is the answer
 
 
 def test_several_images_split_the_tile_budget_and_are_numbered(assets, tmp_path):
@@ -194,7 +212,9 @@ def test_answer_streams_token_by_token_and_stops_at_the_separator(assets):
     session.model.generate = lambda *a, **kw: calls.append(kw) or generate(*a, **kw)
     out = _Recorder(steps)
     answer = session.ask("Describe it.", max_new_tokens=12, out=out)
-    assert calls[0]["eos_token_id"] == assets["tokenizer"].convert_tokens_to_ids("<|im_end|>")  # the official stop
+    # the official stop first (the template separator), then the tokenizer's EOS: an answer ends at either
+    tokenizer = assets["tokenizer"]
+    assert calls[0]["eos_token_id"] == [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     texts = [text for _, text in out.writes if text]
     assert len({step for step, text in out.writes if text.strip()}) > 2  # written during decoding, step by step
     assert "".join(texts).strip() == answer and out.getvalue().endswith("\n")
@@ -208,8 +228,11 @@ def test_first_question_may_place_the_image_itself(assets):
     session.ask("Look: <image> what is it?", max_new_tokens=2, stream=False)
     assert session.history[0][0] == "Look: <image> what is it?"  # no prefix added, as the official
     prompt = session.prompt(session.question_text("More?"))
-    assert prompt.count("<img>") == 1 and "Look: <img><IMG_CONTEXT>" in prompt and prompt.endswith(
-        "<|im_start|>user\nMore?<|im_end|><|im_start|>assistant\n")
+    assert (
+        prompt.count("<img>") == 1
+        and "Look: <img><IMG_CONTEXT>" in prompt
+        and prompt.endswith("<|im_start|>user\nMore?<|im_end|><|im_start|>assistant\n")
+    )
 
 
 def test_unreadable_image_is_a_clean_cli_error(assets, tmp_path, capsys):

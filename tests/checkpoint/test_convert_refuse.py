@@ -27,8 +27,13 @@ def test_trust_base_still_checks_names_and_shapes(trained_run, tiny_ckpt, tmp_pa
     work = trained_run("lora")
     other = tiny_ckpt("internvl2-1b")  # Qwen2 LLM: other trainable names
     with pytest.raises(CheckpointError, match=f"does not match config .* on base {other}"):
-        convert(str(dumped_config(work)), str(work), str(tmp_path / "o"), cfg_options={"model.path": str(other)},
-                trust_base=True)
+        convert(
+            str(dumped_config(work)),
+            str(work),
+            str(tmp_path / "o"),
+            cfg_options={"model.path": str(other)},
+            trust_base=True,
+        )
 
 
 def test_config_of_another_method_is_refused(trained_run, train_assets, tmp_path):
@@ -41,7 +46,7 @@ def test_config_of_another_method_is_refused(trained_run, train_assets, tmp_path
 def test_other_lora_rank_is_refused(trained_run, tmp_path):
     work = trained_run("lora")
     with pytest.raises(CheckpointError, match=r"of another shape"):
-        convert(str(dumped_config(work)), str(work), str(tmp_path / "o"), cfg_options={"model.llm_lora_rank": 4})
+        convert(str(dumped_config(work)), str(work), str(tmp_path / "o"), cfg_options={"model.lora.llm_rank": 4})
     assert not (tmp_path / "o").exists()
 
 

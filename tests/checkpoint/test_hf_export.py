@@ -77,7 +77,7 @@ def test_wqkv_split_and_pack_are_inverse_and_grouped():
     wqkv = torch.randn((heads + 2 * kv) * d, hidden)
     q, k, v = split_wqkv(wqkv, heads, kv)
     groups = wqkv.reshape(kv, heads // kv + 2, d, hidden)
-    assert torch.equal(q[: d], groups[0, 0]) and torch.equal(q[(heads // kv) * d : (heads // kv + 1) * d], groups[1, 0])
+    assert torch.equal(q[:d], groups[0, 0]) and torch.equal(q[(heads // kv) * d : (heads // kv + 1) * d], groups[1, 0])
     assert torch.equal(k[d:], groups[1, -2]) and torch.equal(v[:d], groups[0, -1])
     assert torch.equal(pack_wqkv(q, k, v, kv), wqkv)
 
@@ -159,10 +159,26 @@ def test_cli_format_hf_and_back(trained_run, tmp_path):
 
 # (width, height): 1x1-ish, around one tile, wide, tall, exact aspect ties on both sides of the area rule, 4K.
 SIZES = [
-    (1, 1), (2, 1), (1, 3), (5, 7), (447, 448), (448, 448), (449, 448), (300, 500), (500, 300), (1000, 10),
-    (10, 1000), (633, 633), (634, 634),  # ratio 1: 1x1 and 2x2 tie; 2x2 wins past 0.5 * 448^2 * 4 = 401 408 px
-    (1266, 633), (1268, 634),  # ratio 2: 2x1 and 4x2 tie; 4x2 wins past 802 816 px (when max_patches >= 8)
-    (1344, 448), (448, 1344), (1344, 1344), (3840, 2160), (2160, 3840),
+    (1, 1),
+    (2, 1),
+    (1, 3),
+    (5, 7),
+    (447, 448),
+    (448, 448),
+    (449, 448),
+    (300, 500),
+    (500, 300),
+    (1000, 10),
+    (10, 1000),
+    (633, 633),
+    (634, 634),  # ratio 1: 1x1 and 2x2 tie; 2x2 wins past 0.5 * 448^2 * 4 = 401 408 px
+    (1266, 633),
+    (1268, 634),  # ratio 2: 2x1 and 4x2 tie; 4x2 wins past 802 816 px (when max_patches >= 8)
+    (1344, 448),
+    (448, 1344),
+    (1344, 1344),
+    (3840, 2160),
+    (2160, 3840),
 ]
 KINDS = ("noise", "smooth")
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -171,11 +187,14 @@ MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD
 def _image(width: int, height: int, kind: str) -> Image.Image:
     """Pixel noise (the worst case for resampling) or slow sinusoids (like a photograph's low frequencies)."""
     if kind == "noise":
-        return Image.fromarray(np.random.default_rng(width * 7919 + height).integers(0, 256, (height, width, 3),
-                                                                                     dtype=np.uint8))
+        return Image.fromarray(
+            np.random.default_rng(width * 7919 + height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        )
     y, x = np.mgrid[0:height, 0:width]
-    waves = [np.sin(2 * np.pi * (fx * x / width + fy * y / height) + phase)
-             for fx, fy, phase in ((1.5, 0.5, 0.1), (0.7, 2.1, 1.0), (2.5, 1.3, 2.0))]
+    waves = [
+        np.sin(2 * np.pi * (fx * x / width + fy * y / height) + phase)
+        for fx, fy, phase in ((1.5, 0.5, 0.1), (0.7, 2.1, 1.0), (2.5, 1.3, 2.0))
+    ]
     return Image.fromarray(np.clip(np.rint(127.5 + 127.5 * np.stack(waves, -1)), 0, 255).astype(np.uint8))
 
 
@@ -217,8 +236,11 @@ def processor_dirs(hf_dirs, tiny_ckpt, tmp_path_factory) -> dict[str, tuple[Path
 SMALL_SIZES = [size for size in SIZES if size[0] * size[1] < 2_000_000]  # 4K adds nothing to the variants
 
 
-@pytest.mark.parametrize(("variant", "sizes"), [("release", SIZES), ("max6", SMALL_SIZES), ("static", SMALL_SIZES)],
-                         ids=["release", "max6", "static"])
+@pytest.mark.parametrize(
+    ("variant", "sizes"),
+    [("release", SIZES), ("max6", SMALL_SIZES), ("static", SMALL_SIZES)],
+    ids=["release", "max6", "static"],
+)
 def test_pil_backend_processor_gives_our_tiles_bitwise(processor_dirs, variant, sizes):
     hf_dir, cfg = processor_dirs[variant]
     processor = _exact_processor(hf_dir)
@@ -255,17 +277,29 @@ def test_default_torchvision_processor_same_grids_bounded_resize_gap(processor_d
 
 def test_grid_choice_is_the_official_rule(processor_dirs):
     every = [(w, h) for w in range(1, 549) for h in range(1, 549)]  # 300 304 sizes
-    ties = sorted({(k * i, k * j) for i in range(1, 13) for j in range(1, 13) if i * j <= 12
-                   for k in range(1, 4000 // max(i, j) + 1)})  # exact aspect ratios of every grid, up to 4000 px
+    ties = sorted(
+        {
+            (k * i, k * j)
+            for i in range(1, 13)
+            for j in range(1, 13)
+            if i * j <= 12
+            for k in range(1, 4000 // max(i, j) + 1)
+        }
+    )  # exact aspect ratios of every grid, up to 4000 px
     for min_num, max_num, sizes in [(1, 12, every + ties), (1, 6, ties), (2, 12, ties)]:
-        wrong = [(w, h) for w, h in sizes if get_optimal_tiled_canvas.__wrapped__((h, w), (448, 448), min_num, max_num)
-                 != find_closest_grid(w, h, min_num, max_num, 448)]
+        wrong = [
+            (w, h)
+            for w, h in sizes
+            if get_optimal_tiled_canvas.__wrapped__((h, w), (448, 448), min_num, max_num)
+            != find_closest_grid(w, h, min_num, max_num, 448)
+        ]
         assert wrong == [], (min_num, max_num, wrong[:10])
     hf_dir, cfg = processor_dirs["release"]
     image_processor = AutoProcessor.from_pretrained(str(hf_dir)).image_processor
     for w, h in ties:
         assert image_processor.get_number_of_image_patches(h, w) == tile_count(
-            w, h, cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.image_size, cfg.use_thumbnail), (w, h)
+            w, h, cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.image_size, cfg.use_thumbnail
+        ), (w, h)
 
 
 def test_transparency_is_composited_on_white_unlike_the_official(processor_dirs):
@@ -298,13 +332,17 @@ def test_processor_prompt_ids_equal_the_official_chat_prompt(hf_dirs, tiny_ckpt,
     template = get_template(cfg.template, raw.get("system_message"))
     processor = AutoProcessor.from_pretrained(str(hf_dirs[family]))
     first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    second = first + [{"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-                      {"role": "user", "content": [{"type": "text", "text": "And now?"}]}]
+    second = first + [
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And now?"}]},
+    ]
     for width, height in [(1, 1), (300, 500), (1268, 634)]:
         image = _image(width, height, "smooth")
         counts = [cfg.num_image_token * len(_our_tiles(cfg, image))]
-        for messages, history, question in [(first, [], "<image>\nWhat is it?"),
-                                            (second, [("<image>\nWhat is it?", "A cat.")], "And now?")]:
+        for messages, history, question in [
+            (first, [], "<image>\nWhat is it?"),
+            (second, [("<image>\nWhat is it?", "A cat.")], "And now?"),
+        ]:
             text = processor.apply_chat_template(messages, add_generation_prompt=True)
             got = processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
             want = tokenizer(official_prompt(template, history, question, counts))["input_ids"]

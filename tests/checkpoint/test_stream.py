@@ -31,8 +31,14 @@ def test_shard_writer_flushes_before_a_shard_overflows(tmp_path):
 
 
 def test_shard_writer_keeps_no_tensor_and_writes_what_safetensors_reads(tmp_path):
-    tensors = {"w": torch.randn(3, 5).bfloat16(), "ids": torch.arange(7), "mask": torch.tensor([True, False]),
-               "scalar": torch.tensor(3.5), "half": torch.ones(2).half(), "empty": torch.zeros(0, 4)}
+    tensors = {
+        "w": torch.randn(3, 5).bfloat16(),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False]),
+        "scalar": torch.tensor(3.5),
+        "half": torch.ones(2).half(),
+        "empty": torch.zeros(0, 4),
+    }
     writer = ShardWriter(tmp_path, "1GB")
     for key, t in tensors.items():
         writer.add(key, t)
@@ -56,8 +62,11 @@ def test_official_names_and_lora_pairs():
     assert official_name("vision_model.base_model.model.encoder.layers.1.attn.qkv.base_layer.bias") == (
         "vision_model.encoder.layers.1.attn.qkv.bias"
     )
-    state = {f"{prefix}.lora_A.default.weight": torch.ones(2, 4), f"{prefix}.lora_B.default.weight": torch.ones(6, 2),
-             "mlp1.1.weight": torch.zeros(3, 3)}
+    state = {
+        f"{prefix}.lora_A.default.weight": torch.ones(2, 4),
+        f"{prefix}.lora_B.default.weight": torch.ones(6, 2),
+        "mlp1.1.weight": torch.zeros(3, 3),
+    }
     delta = split_delta(state, {"language_model": 4.0})
     key = "language_model.model.layers.0.attention.wqkv.weight"
     assert set(delta.replacements) == {"mlp1.1.weight"} and set(delta.loras) == {key}

@@ -99,9 +99,21 @@ def test_too_little_free_space(tiny_ckpt, data, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(preflight_module.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
     # Full fine-tuning: at least the weight files.
-    (problem,) = preflight(CONFIG, str(tmp_path / "run"), _options(model, data, **{"model.llm_lora_rank": 0}))
+    (problem,) = preflight(CONFIG, str(tmp_path / "run"), _options(model, data, **{"model.lora": None}))
     weights = (model / "model.safetensors").stat().st_size
     assert "1000 B free" in problem and f"{weights / 1024:.1f} KiB" in problem and "weight files" in problem
     # LoRA: a small fixed amount, still more than 1000 bytes.
     (problem,) = preflight(CONFIG, str(tmp_path / "run"), _options(model, data))
     assert "LoRA" in problem
+
+
+def test_preflight_reads_the_config_without_importing_torch():
+    """The launcher checks before torchrun starts: the model section is built through the registry (MMEngine's
+    registry imports torch for its logger) without the model stack: no transformers, peft or DeepSpeed."""
+    code = (
+        "import sys; from xtuner_vl.recipes.preflight import preflight; from xtuner_vl.recipes.model_wrapper import "
+        "build_model_wrapper; build_model_wrapper({'path': 'x', 'lora': {'llm_rank': 8}}); "
+        "print(sorted(m for m in ('peft', 'transformers', 'deepspeed', 'bitsandbytes') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -24,15 +24,32 @@ SYS25 = "你是书生·万象，英文名是InternVL，是由上海人工智能�
 CHATML = ("<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>")
 PHI3 = ("<|system|>\n", "<|user|>\n", "<|assistant|>\n", "<|end|>")
 # (template, tokenizer family): the official pairings (InternVL2-2B, -1B, -40B, -4B; InternVL2.5 8B / 1B).
-PAIRS = [("internlm2-chat", "internlm2"), ("Hermes-2", "qwen2"), ("Hermes-2", "llama"), ("phi3-chat", "phi3"),
-         ("internvl2_5", "internlm2"), ("internvl2_5", "qwen2")]
+PAIRS = [
+    ("internlm2-chat", "internlm2"),
+    ("Hermes-2", "qwen2"),
+    ("Hermes-2", "llama"),
+    ("phi3-chat", "phi3"),
+    ("internvl2_5", "internlm2"),
+    ("internvl2_5", "qwen2"),
+]
 # Families whose text after a special token tokenizes exactly as it does on its own (no dummy prefix space).
 INDEPENDENT = {"internlm2", "qwen2", "llama"}
 CASES = {
-    "multi_turn": ([("<image>\nWhat is in the image?", "A cat sits on the mat."),
-                    ("What colour is it?", "It is red.\nVery red."), ("图片里有什么?", "一只猫。")], [512]),
-    "multi_image": ([("Image-1: <image>\nImage-2: <image>\nCompare them.", "The first one is a cat."),
-                     ("And this one? <image>", "A dog.")], [256, 512, 768]),
+    "multi_turn": (
+        [
+            ("<image>\nWhat is in the image?", "A cat sits on the mat."),
+            ("What colour is it?", "It is red.\nVery red."),
+            ("图片里有什么?", "一只猫。"),
+        ],
+        [512],
+    ),
+    "multi_image": (
+        [
+            ("Image-1: <image>\nImage-2: <image>\nCompare them.", "The first one is a cat."),
+            ("And this one? <image>", "A dog."),
+        ],
+        [256, 512, 768],
+    ),
     "text_only": ([("What is 2 plus 3?", "5."), ("And 4 plus 4?", "8.")], []),
 }
 
@@ -145,8 +162,11 @@ def test_internvl2_5_tokenizes_each_message_block(tokenizers):
     """preprocess_internvl2_5 tokenizes every message block on its own (BOS written as text before the first);
     Phi-3's tokenizer starts a text with a space piece, so that differs from tokenizing the joined prompt."""
     tok = tokenizers["phi3"]
-    blocks = [CHATML[0] + SYS25 + CHATML[3] + "\n", CHATML[1] + "q" + CHATML[3] + "\n",
-              CHATML[2] + "a" + CHATML[3] + "\n"]
+    blocks = [
+        CHATML[0] + SYS25 + CHATML[3] + "\n",
+        CHATML[1] + "q" + CHATML[3] + "\n",
+        CHATML[2] + "a" + CHATML[3] + "\n",
+    ]
     ids, labels = tokenize_conversation(_conversation([("q", "a")]), tok, "internvl2_5")
     expected = _encode(tok, "<s>" + blocks[0]) + _encode(tok, blocks[1]) + _encode(tok, blocks[2])
     assert ids.tolist() == expected != _encode(tok, "<s>" + "".join(blocks))
@@ -163,8 +183,11 @@ def test_template_object_name_and_int_count_agree(tokenizers):
 
 
 def test_system_message_versions_and_override(tokenizers):
-    v15 = {"internlm2-chat": "You are an AI assistant whose name is InternLM (书生·浦语).",
-           "Hermes-2": "Answer the questions.", "phi3-chat": "You are an AI assistant whose name is Phi-3."}
+    v15 = {
+        "internlm2-chat": "You are an AI assistant whose name is InternLM (书生·浦语).",
+        "Hermes-2": "Answer the questions.",
+        "phi3-chat": "You are an AI assistant whose name is Phi-3.",
+    }
     for name, message in v15.items():
         assert get_template(name, version="internvl1_5").system_message == message
         assert get_template(name).system_message == SYS2
@@ -174,7 +197,7 @@ def test_system_message_versions_and_override(tokenizers):
     template = get_template("internlm2-chat", version="internvl1_5")
     ids, _ = tokenize_conversation(_conversation([("q", "a")]), tok, template)
     head = _bos(tok) + _encode(tok, CHATML[0] + v15["internlm2-chat"] + CHATML[3])
-    assert ids.tolist()[:len(head)] == head
+    assert ids.tolist()[: len(head)] == head
 
 
 def test_template_table(tokenizers):
@@ -185,7 +208,10 @@ def test_template_table(tokenizers):
     phi3 = get_template("phi3-chat")
     assert (phi3.system_template, phi3.roles, phi3.sep) == ("<|system|>\n{system_message}", PHI3[1:3], "<|end|>")
     assert [get_template(n).sep for n in ("internlm2-chat", "Hermes-2", "internvl2_5")] == [
-        "<|im_end|>", "<|im_end|>", "<|im_end|>\n"]
+        "<|im_end|>",
+        "<|im_end|>",
+        "<|im_end|>\n",
+    ]
     with pytest.raises(ValueError, match="known templates: internlm2-chat, Hermes-2, phi3-chat, internvl2_5"):
         get_template("vicuna_v1.1")
     with pytest.raises(ValueError, match="unknown release version"):
@@ -224,19 +250,33 @@ def test_merged_newline_at_answer_start_is_not_trained(tokenizers):
     tok = tokenizers["qwen2"]
     ids, labels = tokenize_conversation(_conversation([("q", "\nA cat.")]), tok, "Hermes-2")
     ids, labels = ids.tolist(), labels.tolist()
-    assert ids == _encode(tok, CHATML[0] + SYS2 + CHATML[3] + CHATML[1] + "q" + CHATML[3] + CHATML[2] + "\nA cat."
-                          + CHATML[3])
+    assert ids == _encode(
+        tok, CHATML[0] + SYS2 + CHATML[3] + CHATML[1] + "q" + CHATML[3] + CHATML[2] + "\nA cat." + CHATML[3]
+    )
     [(begin, end)] = _trained_runs(ids, labels)
     assert _decoded(tok, ids[begin:end]) == "A cat.<|im_end|>"
-    assert _decoded(tok, ids[begin - 1:begin]) == "\n\n"
+    assert _decoded(tok, ids[begin - 1 : begin]) == "\n\n"
 
 
 def test_empty_answer_trains_nothing_like_official(tokenizers):
     tok = tokenizers["internlm2"]
     ids, labels = tokenize_conversation(_conversation([("q1", ""), ("q2", "a2")]), tok, "internlm2-chat")
     ids, labels = ids.tolist(), labels.tolist()
-    prompt = (CHATML[0] + SYS2 + CHATML[3] + CHATML[1] + "q1" + CHATML[3] + CHATML[2] + CHATML[1] + "q2" + CHATML[3]
-              + CHATML[2] + "a2" + CHATML[3])  # an empty message is a bare role header, without separator
+    prompt = (
+        CHATML[0]
+        + SYS2
+        + CHATML[3]
+        + CHATML[1]
+        + "q1"
+        + CHATML[3]
+        + CHATML[2]
+        + CHATML[1]
+        + "q2"
+        + CHATML[3]
+        + CHATML[2]
+        + "a2"
+        + CHATML[3]
+    )  # an empty message is a bare role header, without separator
     assert ids == _bos(tok) + _encode(tok, prompt)
     assert [_decoded(tok, ids[b:e]) for b, e in _trained_runs(ids, labels)] == ["a2<|im_end|>"]
     with pytest.raises(ConversationError, match="no trained token"):
@@ -263,8 +303,9 @@ def test_boundary_inside_token_raises():
     conv = _conversation([("q", "The answer is long enough here.")])
     ids, labels = tokenize_conversation(conv, _MergingTokenizer("\nThe"), "Hermes-2")
     ids, labels = ids.tolist(), labels.tolist()
-    assert [label for label in labels if label != IGNORE_INDEX] == [ord(c) for c in " answer is long enough here."
-                                                                    "<|im_end|>"]
+    assert [label for label in labels if label != IGNORE_INDEX] == [
+        ord(c) for c in " answer is long enough here.<|im_end|>"
+    ]
     assert ids.count(0) == 1 and labels[ids.index(0)] == IGNORE_INDEX  # the straddling "\nThe" is not trained
     with pytest.raises(ConversationError, match="labels cannot be placed exactly"):
         tokenize_conversation(conv, _MergingTokenizer("\nThe answer is long enough"), "Hermes-2")
@@ -272,7 +313,8 @@ def test_boundary_inside_token_raises():
 
 def test_expand_image_tokens():
     assert expand_image_tokens("a<image>b<image>", [2, 1]) == (
-        "a<img><IMG_CONTEXT><IMG_CONTEXT></img>b<img><IMG_CONTEXT></img>")
+        "a<img><IMG_CONTEXT><IMG_CONTEXT></img>b<img><IMG_CONTEXT></img>"
+    )
     assert expand_image_tokens("no image", []) == "no image"
     with pytest.raises(ConversationError, match="2 <image> placeholder"):
         expand_image_tokens("<image><image>", [256])
@@ -294,8 +336,7 @@ ERRORS = [
     ([{"from": "user", "value": "q"}, {"from": "gpt", "value": "a"}], 0, "unknown role 'user'"),
     ([{"from": "human", "value": 3}], 0, "str 'value'"),
     ([*_conversation([("q", "a")]), {"from": "system", "value": "s"}], 0, "only the first turn"),
-    ([{"from": "human", "value": "q"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], 0,
-     "alternate"),
+    ([{"from": "human", "value": "q"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], 0, "alternate"),
     ([{"from": "human", "value": "q"}], 0, "no assistant answer"),
     ([{"from": "gpt", "value": "a"}], 0, "no human turn"),
     ([{"from": "system", "value": "s"}], 0, "no human turn"),

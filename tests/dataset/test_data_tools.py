@@ -24,11 +24,19 @@ def planted(tiny_ckpt, tmp_path_factory):
     Image.new("RGB", (4, 4)).save(images / "tiny.png")
     bad_lines = [
         "{not json",
-        json.dumps({"image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                           {"from": "gpt", "value": "a"}]}),
+        json.dumps(
+            {
+                "image": "gone.png",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+            }
+        ),
         json.dumps({"conversations": [{"from": "human", "value": "q"}]}),
-        json.dumps({"image": "tiny.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                           {"from": "gpt", "value": "a"}]}),
+        json.dumps(
+            {
+                "image": "tiny.png",
+                "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+            }
+        ),
     ]
     bad = root / "bad.jsonl"
     bad.write_text("\n".join(bad_lines) + "\n")
@@ -36,17 +44,30 @@ def planted(tiny_ckpt, tmp_path_factory):
 
 
 def _run(args, model, data_paths, images, cwd):
-    opts = [f"model.path={model}", f"train_dataset.data_paths={json.dumps([str(p) for p in data_paths])}",
-            f"train_dataset.image_folders={json.dumps([str(images)] * len(data_paths))}",
-            "train_dataset.repeat_times=[2.5,1]"]
-    return subprocess.run([sys.executable, "-m", "xtuner_vl.cli.main", *args, "--cfg-options", *opts],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    opts = [
+        f"model.path={model}",
+        f"train_dataset.data_paths={json.dumps([str(p) for p in data_paths])}",
+        f"train_dataset.image_folders={json.dumps([str(images)] * len(data_paths))}",
+        "train_dataset.repeat_times=[2.5,1]",
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "xtuner_vl.cli.main", *args, "--cfg-options", *opts],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_check_data_reports_every_problem_with_file_and_line(planted, tmp_path):
     model, data, bad, images = planted
-    proc = _run(["check-data", str(CONFIG), "--workers", "2", "--report", str(tmp_path / "r.txt")], model,
-                [data, bad], images, tmp_path)
+    proc = _run(
+        ["check-data", str(CONFIG), "--workers", "2", "--report", str(tmp_path / "r.txt")],
+        model,
+        [data, bad],
+        images,
+        tmp_path,
+    )
     out = proc.stdout
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "records 12, after repeats 30, usable 12, problems 0" in out
@@ -61,8 +82,7 @@ def test_check_data_reports_every_problem_with_file_and_line(planted, tmp_path):
 def test_preview_data_writes_grid_and_marked_prompt(planted, tmp_path):
     model, data, _, images = planted
     out = tmp_path / "s.png"
-    proc = _run(["preview-data", str(CONFIG), "--index", "1", "--out", str(out)], model, [data, data], images,
-                tmp_path)
+    proc = _run(["preview-data", str(CONFIG), "--index", "1", "--out", str(out)], model, [data, data], images, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "s.txt").read_text()
     assert "<|im_start|>assistant\n[[" in text and "<|im_end|>]]" in text  # answer + sep trained

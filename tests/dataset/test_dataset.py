@@ -31,7 +31,7 @@ def test_fractional_repeats_are_exact(repeat, full, extra):
     assert (counts >= full).all() and (counts <= full + 1).all()
     assert np.array_equal(idx, repeat_indices(10, repeat, seed=7))  # seeded
     if extra:
-        tails = {tuple(repeat_indices(10, repeat, seed=s)[10 * full:]) for s in range(6)}
+        tails = {tuple(repeat_indices(10, repeat, seed=s)[10 * full :]) for s in range(6)}
         assert len(tails) > 1  # the fractional part really is a random subset
 
 
@@ -66,8 +66,13 @@ def setup(tiny_ckpt, tmp_path_factory):
 
 def _dataset(setup, **kw):
     model, tok, data, images = setup
-    return InternVLDataset(data_paths=kw.pop("data_paths", [str(data)]), tokenizer=tok,
-                           image_folders=kw.pop("image_folders", [str(images)]), model_path=model, **kw)
+    return InternVLDataset(
+        data_paths=kw.pop("data_paths", [str(data)]),
+        tokenizer=tok,
+        image_folders=kw.pop("image_folders", [str(images)]),
+        model_path=model,
+        **kw,
+    )
 
 
 def test_samples_single_multi_and_text_only(setup):
@@ -97,8 +102,10 @@ def test_samples_single_multi_and_text_only(setup):
 def test_over_length_reduces_tiles_never_cuts_image_tokens(setup, tmp_path):
     model, tok, _, _ = setup
     Image.new("RGB", (2688, 448), (10, 200, 30)).save(tmp_path / "wide.png")
-    rec = {"image": "wide.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
-                                                   {"from": "gpt", "value": "green"}]}
+    rec = {
+        "image": "wide.png",
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "green"}],
+    }
     (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
     kw = dict(data_paths=[str(tmp_path / "d.jsonl")], image_folders=[str(tmp_path)], max_dynamic_patch=6)
     full = _dataset(setup, **kw)[0]
@@ -115,16 +122,32 @@ BAD = {
     "no_conv": ({"image": "ok.png"}, "'conversations' is missing"),
     "empty_conv": ({"conversations": []}, "'conversations' is missing, empty"),
     "role": ({"conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]}, "robot"),
-    "missing_img": ({"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                             {"from": "gpt", "value": "a"}]}, "nope.png"),
-    "zero_byte": ({"image": "empty.png", "conversations": [{"from": "human", "value": "q"},
-                                                            {"from": "gpt", "value": "a"}]}, "empty.png"),
-    "escape": ({"image": "../outside.png", "conversations": [{"from": "human", "value": "q"},
-                                                              {"from": "gpt", "value": "a"}]}, "escapes"),
-    "count": ({"image": ["ok.png", "ok.png"], "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                                 {"from": "gpt", "value": "a"}]}, "image"),
-    "literal": ({"conversations": [{"from": "human", "value": "hi <IMG_CONTEXT>"}, {"from": "gpt", "value": "a"}]},
-                "IMG_CONTEXT"),
+    "missing_img": (
+        {
+            "image": "nope.png",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
+        "nope.png",
+    ),
+    "zero_byte": (
+        {"image": "empty.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        "empty.png",
+    ),
+    "escape": (
+        {"image": "../outside.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        "escapes",
+    ),
+    "count": (
+        {
+            "image": ["ok.png", "ok.png"],
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
+        "image",
+    ),
+    "literal": (
+        {"conversations": [{"from": "human", "value": "hi <IMG_CONTEXT>"}, {"from": "gpt", "value": "a"}]},
+        "IMG_CONTEXT",
+    ),
 }
 
 
@@ -145,15 +168,22 @@ def test_bad_records_are_skipped_with_file_line_and_strict_raises(setup, tmp_pat
     strict = _dataset(setup, data_paths=[str(tmp_path / "bad.jsonl")], image_folders=[str(folder)], strict=True)
     with pytest.raises((SampleError, ValueError), match=r"bad\.jsonl:1"):
         strict[0]
-    allowed = _dataset(setup, data_paths=[str(tmp_path / "bad.jsonl")], image_folders=[str(folder)],
-                       allow_path_escape=True)
+    allowed = _dataset(
+        setup, data_paths=[str(tmp_path / "bad.jsonl")], image_folders=[str(folder)], allow_path_escape=True
+    )
     assert isinstance(allowed[5], Sample)
 
 
 def test_multi_source_repeats_and_per_source_budget(setup, tmp_path):
     model, tok, data, images = setup
-    ds = InternVLDataset(data_paths=[str(data), str(data)], tokenizer=tok, image_folders=[str(images)] * 2,
-                         repeat_times=[2.5, 0.5], source_max_dynamic_patch=[None, 1], model_path=model)
+    ds = InternVLDataset(
+        data_paths=[str(data), str(data)],
+        tokenizer=tok,
+        image_folders=[str(images)] * 2,
+        repeat_times=[2.5, 0.5],
+        source_max_dynamic_patch=[None, 1],
+        model_path=model,
+    )
     assert len(ds) == 30 * 2 + 15 + 15
     assert (ds.source_of == 0).sum() == 75
     last = ds[len(ds) - 1]
@@ -210,11 +240,22 @@ def test_video_sample_one_tile_per_frame(setup, tmp_path):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), k * 10, dtype=np.uint8), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    rec = {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
-                                                   {"from": "gpt", "value": "It brightens."}]}
+    rec = {
+        "video": "clip.mp4",
+        "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"},
+            {"from": "gpt", "value": "It brightens."},
+        ],
+    }
     (tmp_path / "v.jsonl").write_text(json.dumps(rec) + "\n")
-    ds = _dataset(setup, data_paths=[str(tmp_path / "v.jsonl")], image_folders=[str(tmp_path)],
-                  min_num_frames=4, max_num_frames=6, training=False)
+    ds = _dataset(
+        setup,
+        data_paths=[str(tmp_path / "v.jsonl")],
+        image_folders=[str(tmp_path)],
+        min_num_frames=4,
+        max_num_frames=6,
+        training=False,
+    )
     s = ds[0]
     assert isinstance(s, Sample), s
     n = len(s.pixel_values)
@@ -229,8 +270,15 @@ def test_video_sample_one_tile_per_frame(setup, tmp_path):
 def test_estimate_record_counts_image_tags_and_grid():
     from xtuner_vl.dataset.lengths import estimate_record
 
-    settings = {"base_tokens": 45, "num_image_token": 256, "max_dynamic_patch": 6, "min_dynamic_patch": 1,
-                "use_thumbnail": True, "image_size": 448, "max_num_frames": 32}
+    settings = {
+        "base_tokens": 45,
+        "num_image_token": 256,
+        "max_dynamic_patch": 6,
+        "min_dynamic_patch": 1,
+        "use_thumbnail": True,
+        "image_size": 448,
+        "max_num_frames": 32,
+    }
     turns = [{"from": "human", "value": "<image>\n" + "q" * 12}, {"from": "gpt", "value": "a" * 20}]  # 40 bytes
     # 896x448: grid 2x1 + thumbnail = 3 tiles of 256 tokens, plus <img> and </img>.
     sized = {"image": "x.jpg", "width": 896, "height": 448, "conversations": turns}

@@ -24,9 +24,16 @@ def data(tmp_path_factory):
 def _loss_and_grads(model, cb):
     model.zero_grad(set_to_none=True)
     b = cb.batch
-    out = model(b.pixel_values, b.input_ids, attention_mask=None if b.packed else b.attention_mask,
-                image_flags=b.image_flags, position_ids=b.position_ids, use_cache=False,
-                loss_index=b.loss_index, loss_targets=b.loss_targets)
+    out = model(
+        b.pixel_values,
+        b.input_ids,
+        attention_mask=None if b.packed else b.attention_mask,
+        image_flags=b.image_flags,
+        position_ids=b.position_ids,
+        use_cache=False,
+        loss_index=b.loss_index,
+        loss_targets=b.loss_targets,
+    )
     loss = out.loss_sum.float() / b.num_trained
     loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -37,8 +44,13 @@ def test_packed_equals_unpacked_loss_and_grads(tiny_ckpt, data, family):
     path = tiny_ckpt(family)
     model = load_internvl(path, dtype=torch.float32).train()
     model.vision_model.requires_grad_(False)
-    ds = InternVLDataset(data_paths=[str(data[0])], tokenizer=load_tokenizer(path), image_folders=[str(data[1])],
-                         model_path=path, max_dynamic_patch=2)
+    ds = InternVLDataset(
+        data_paths=[str(data[0])],
+        tokenizer=load_tokenizer(path),
+        image_folders=[str(data[1])],
+        model_path=path,
+        max_dynamic_patch=2,
+    )
     samples = [ds[i] for i in range(6)]
     assert all(isinstance(s, Sample) for s in samples)
     unpacked = collate_samples(samples)
@@ -68,8 +80,14 @@ def test_plan_packs_fills_rows_within_budgets():
 def test_packed_dataset_items_and_collate(tiny_ckpt, data, monkeypatch, tmp_path):
     monkeypatch.setenv("XTUNER_VL_CACHE", str(tmp_path))
     path = tiny_ckpt("internvl2-2b")
-    ds = InternVLDataset(data_paths=[str(data[0])], tokenizer=load_tokenizer(path), image_folders=[str(data[1])],
-                         model_path=path, max_length=2048, max_dynamic_patch=2)
+    ds = InternVLDataset(
+        data_paths=[str(data[0])],
+        tokenizer=load_tokenizer(path),
+        image_folders=[str(data[1])],
+        model_path=path,
+        max_length=2048,
+        max_dynamic_patch=2,
+    )
     packed = PackedDataset(ds, max_tiles=16, seed=0)
     assert len(packed) < len(ds)
     seen = []
@@ -217,7 +235,11 @@ def test_default_settings_fill_micro_batches_on_a_llava_like_mix():
     text = real - 256 * tiles  # as with width/height in the records: tiles exact, text tokens guessed (8% off)
     estimates = (256 * tiles + text * np.random.default_rng(4).normal(1.0, 0.08, len(real))).astype(int)
     packed = PackedDataset(
-        _LengthDataset(real, tiles, estimates), loader.pack_length, loader.pack_max_tiles, 42, loader.pack_window,
+        _LengthDataset(real, tiles, estimates),
+        loader.pack_length,
+        loader.pack_max_tiles,
+        42,
+        loader.pack_window,
         loader.pack_headroom,
     )
     sampler = DistributedRandomSampler(len(packed), 0, 1, seed=42)
@@ -229,8 +251,11 @@ def test_default_settings_fill_micro_batches_on_a_llava_like_mix():
 
 
 def test_dataloader_settings_parse_the_packing_fields():
-    s = parse_section(DataLoaderSettings, {"pack": True, "pack_length": 8192, "pack_max_tiles": 24,
-                                           "pack_window": 1000, "pack_headroom": 0.02}, "dataloader")
+    s = parse_section(
+        DataLoaderSettings,
+        {"pack": True, "pack_length": 8192, "pack_max_tiles": 24, "pack_window": 1000, "pack_headroom": 0.02},
+        "dataloader",
+    )
     assert (s.pack_length, s.pack_max_tiles, s.pack_window, s.pack_headroom) == (8192, 24, 1000, 0.02)
     defaults = DataLoaderSettings()
     assert defaults.pack_length >= 4096 and defaults.pack_max_tiles is None  # longer rows than the official samples

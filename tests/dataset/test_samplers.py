@@ -30,22 +30,24 @@ def test_length_grouped_sampler_groups_modality_and_length():
     n, world, global_batch = 200, 2, 8
     lengths = torch.randint(10, 4000, (n,)).tolist()
     multimodal = [i % 3 != 0 for i in range(n)]
-    samplers = [LengthGroupedSampler(lengths, multimodal, global_batch, r, world, seed=1, group_factor=4)
-                for r in range(world)]
+    samplers = [
+        LengthGroupedSampler(lengths, multimodal, global_batch, r, world, seed=1, group_factor=4) for r in range(world)
+    ]
     per_rank = [list(s) for s in samplers]
     per_step = global_batch // world
     steps = len(per_rank[0]) // per_step
     mixed = 0
     for k in range(steps):
-        batch = [i for r in range(world) for i in per_rank[r][k * per_step:(k + 1) * per_step]]
+        batch = [i for r in range(world) for i in per_rank[r][k * per_step : (k + 1) * per_step]]
         mixed += len({multimodal[i] for i in batch}) > 1
     assert mixed <= 2  # only the partial batches at the end may mix modalities
     assert sorted(set(per_rank[0]) | set(per_rank[1])) == list(range(n))
+
     # padding per global batch is far below a random order's
     def waste(order_pairs):
         total = 0
         for k in range(steps):
-            batch = [lengths[i] for r in range(world) for i in order_pairs[r][k * per_step:(k + 1) * per_step]]
+            batch = [lengths[i] for r in range(world) for i in order_pairs[r][k * per_step : (k + 1) * per_step]]
             total += max(batch) * len(batch) - sum(batch)
         return total
 

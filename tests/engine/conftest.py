@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -41,26 +44,68 @@ def cli_args(assets: dict[str, Path], work_dir: Path, *extra: str, config: Path 
     return ["train", str(config), "--work-dir", str(work_dir), *extra, "--cfg-options", *options]
 
 
+# What only a separate process can run: a launcher (torchrun), DeepSpeed (its gloo group ends the process), and
+# the crash hooks that kill the process.
+_SUBPROCESS_ENV = ("NPROC_PER_NODE", "NNODES", "XTUNER_VL_CRASH_IN_SAVE")
+
+
+def _needs_subprocess(args: list[str], env: dict[str, str]) -> bool:
+    return args[0] not in ("train", "convert") or "--deepspeed" in args or any(k in env for k in _SUBPROCESS_ENV)
+
+
+def _run_in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``xtuner-vl <args>`` through the CLI's own ``main`` in this process: the same code without the seconds a
+    fresh interpreter spends importing torch, transformers and peft. The environment and working directory are
+    the subprocess's, restored afterwards."""
+    from xtuner_vl.cli.main import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = main(args)
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 1
+            except Exception:  # what the interpreter would print and exit 1 with
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(args, status, stdout.getvalue(), stderr.getvalue())
+
+
 def run_cli(
     args: list[str],
     env: dict[str, str] | None = None,
     timeout: int = 300,
     check: bool = True,
     cache: Path | None = None,
+    subprocess_only: bool = False,
 ) -> subprocess.CompletedProcess:
+    """Run ``xtuner-vl <args>``: one-process trainings and converts in this process (see :func:`_run_in_process`),
+    launchers, DeepSpeed and fault injection in a fresh interpreter (or any run with ``subprocess_only``)."""
     # A fresh command: no launcher variables from this process (a launcher is asked for through ``env``).
     inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     full_env = {**inherited, "OMP_NUM_THREADS": "1", **(env or {})}
     if cache is not None:
         full_env["XTUNER_VL_CACHE"] = str(cache)
-    proc = subprocess.run(
-        [sys.executable, "-m", "xtuner_vl.cli.main", *args],
-        env=full_env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    if subprocess_only or _needs_subprocess(args, env or {}):
+        proc = subprocess.run(
+            [sys.executable, "-m", "xtuner_vl.cli.main", *args],
+            env=full_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    else:
+        proc = _run_in_process(args, full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
@@ -71,5 +116,6 @@ def logged_losses(work_dir: Path) -> dict[int, float]:
     out = {}
     for line in (work_dir / "train_log.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
+        if "loss" in rec:  # evaluation records have none
+            out[rec["step"]] = rec["loss"]
     return out

@@ -25,11 +25,23 @@ def test_list_and_copy_cfg(capsys, tmp_path):
     for name in ("internvl_v2_qwen2_1b_lora", "internvl_v2_qwen2_1b_qlora"):
         assert main(["copy-cfg", name, str(tmp_path / "mine")]) == 0
         copy = tmp_path / "mine" / f"{name}.py"
-        assert "'../" not in copy.read_text() and "'./" not in copy.read_text()  # _base_ made absolute
-        assert load_config(str(copy)).to_dict() == load_config(name).to_dict()  # loads from anywhere
+        text = copy.read_text()
+        assert "_base_" not in text and load_config(str(copy)).to_dict() == load_config(name).to_dict()
+        # One self-contained file, top to bottom: the model first, the runtime last, the official citation kept.
+        order = [text.index(f"\n{key} = ") for key in ("model_path", "model", "train_dataset", "optim", "runtime")]
+        assert order == sorted(order) and "fine-tune of OpenGVLab/InternVL2-1B" in text.splitlines()[0]
         # The leaf's own model_path drives model.path (the first thing a user edits).
         copy.write_text(copy.read_text().replace("model_path = 'InternVL2-1B'", "model_path = '/data/my-1b'"))
         assert load_config(str(copy)).model.path == "/data/my-1b"
+
+
+def test_ranks_share_the_node_cores_without_torchruns_banner():
+    from xtuner_vl.cli.launch import omp_threads_per_rank
+
+    assert omp_threads_per_rank({"NPROC_PER_NODE": "8"}, cpus=128) == "16"
+    assert omp_threads_per_rank({"NPROC_PER_NODE": "2"}, cpus=2) == "1"
+    assert omp_threads_per_rank({"NPROC_PER_NODE": "4"}, cpus=2) == "1"  # never 0
+    assert omp_threads_per_rank({}, cpus=6) == "6"
 
 
 def test_torchrun_relaunch_rules():

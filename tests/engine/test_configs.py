@@ -7,17 +7,16 @@ import torch
 
 from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
 from xtuner_vl.model import load_tokenizer
-from xtuner_vl.recipes.build_model import build_train_model
 from xtuner_vl.recipes.config import find_config, list_configs, load_config
+from xtuner_vl.recipes.model_wrapper import InternVLChat, build_model_wrapper
 from xtuner_vl.recipes.settings import (
     DataLoaderSettings,
-    ModelSettings,
     OptimSettings,
     RuntimeSettings,
     ScheduleSettings,
     parse_section,
 )
-from xtuner_vl.registry import DATASETS
+from xtuner_vl.registry import DATASETS, MODELS
 from xtuner_vl.tiny.data import make_synthetic_dataset
 
 CONFIGS = list_configs()
@@ -74,7 +73,8 @@ def test_shipped_config_builds_with_tiny_model(name, tiny_ckpt, data, monkeypatc
             "train_dataset.image_folders": [str(data[1])],
         },
     )
-    model_s = parse_section(ModelSettings, cfg.model, "model")
+    assert cfg.model.type == "InternVLChat"  # built through the MODELS registry
+    model_s = build_model_wrapper(cfg.model)
     optim = parse_section(OptimSettings, cfg.optim, "optim")
     sched = parse_section(ScheduleSettings, cfg.schedule, "schedule")
     parse_section(DataLoaderSettings, cfg.dataloader, "dataloader")
@@ -82,12 +82,12 @@ def test_shipped_config_builds_with_tiny_model(name, tiny_ckpt, data, monkeypatc
     assert runtime.deepspeed in ("zero1", "zero2", "zero3")
     assert optim.lr in (2e-5, 4e-5) and optim.weight_decay in (0.01, 0.05)
     assert sched.global_batch_size % sched.micro_batch_size == 0
-    model = build_train_model(model_s, torch.device("cpu"))
+    model = model_s.build(torch.device("cpu"))
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert "vision_model" not in trainable and "mlp1" in trainable and "language_model" in trainable
     if model_s.llm_lora_rank:
         assert all("lora_" in n for n, p in model.language_model.named_parameters() if p.requires_grad)
-    if model_s.quantize_llm:
+    if model_s.quantization is not None:
         assert any(type(m).__name__ == "Linear4bit" for m in model.language_model.modules())
     dataset = DATASETS.build({"model_path": str(path), **cfg.train_dataset, "tokenizer": load_tokenizer(path)})
     assert len(dataset) == 8 and dataset[0].input_ids.numel() > 0
@@ -101,9 +101,9 @@ def test_config_name_resolution_and_unknown_keys(tmp_path):
     assert find_config("internvl_v2_internlm2_5_8b_lora").name == "internvl_v2_internlm2_5_8b_lora.py"
     with pytest.raises(FileNotFoundError, match="list-cfg"):
         find_config("internvl_v2_nope")
-    with pytest.raises(ValueError, match="unknown key"):
-        parse_section(ModelSettings, {"path": "x", "lora_rank": 8}, "model")
     with pytest.raises(TypeError, match="number"):
+        parse_section(OptimSettings, {"lr": "fast"}, "optim")
+    with pytest.raises(ValueError, match="optim.lr must be a number"):  # what the CLI reports in one line
         parse_section(OptimSettings, {"lr": "fast"}, "optim")
 
 
@@ -122,3 +122,42 @@ def test_xtuner_seed_names_resolve_and_hints_are_fuzzy():
         assert load_deepspeed_config(f"deepspeed_zero{stage}") == load_deepspeed_config(f"zero{stage}")
     with pytest.raises(FileNotFoundError, match=r"similar: internvl_v2_internlm2_5_8b_lora, "):
         find_config("internvl_v2_intern2_5_8b_lora")  # a typo no substring search would find
+
+
+def test_model_section_builds_through_the_registry_with_clear_errors():
+    built = build_model_wrapper({"type": "InternVLChat", "path": "x", "lora": {"llm_rank": 8}})
+    assert type(built) is InternVLChat and built.method == "lora" and built.lora.alpha is None
+    assert build_model_wrapper({"type": InternVLChat, "path": "x"}).method == "full"  # the class itself
+    assert build_model_wrapper({"path": "x", "lora": {"llm_rank": 4}, "quantization": {}}).method == "qlora"
+    for section, message in (
+        ({"path": "x", "lora_rank": 8}, r"unknown key\(s\) \['lora_rank'\]"),
+        ({"path": "x", "lora": {"rank": 8}}, r"model.lora.*unknown key\(s\) \['rank'\]"),
+        ({"path": "x", "llm_lora_rank": 8, "freeze_vit": True}, r"llm_lora_rank -> lora=dict\(llm_rank=...\)"),
+        ({"path": "x", "lora": {"llm_rank": "8"}}, r"model.lora.llm_rank must be a number"),
+        ({"path": "x", "quantization": {"llm": "int8"}}, r"quantization.llm must be one of"),
+        ({"path": "x", "quantization": {}}, r"needs model.lora.llm_rank > 0"),
+        ({"type": "NoSuchWrapper", "path": "x"}, r"'NoSuchWrapper' is not a registered model wrapper"),
+        ({"path": "x", "gradient_checkpointing": "yes"}, r"must be true/false"),
+        (None, "no `model` section"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build_model_wrapper(section)
+
+
+def test_a_registered_subclass_replaces_the_method(tiny_ckpt, tmp_path):
+    """A user's wrapper, named by ``type=``, is what training, estimate and convert use."""
+
+    @MODELS.register_module(force=True)
+    class FrozenProjector(InternVLChat):
+        def apply_method(self, model, dtype, quantize=True):
+            model = super().apply_method(model, dtype, quantize)
+            return model.requires_grad_(False).mlp1.requires_grad_(True) and model
+
+    cfg = load_config(
+        str(find_config("tiny_internvl2_full")),
+        {"model.type": "FrozenProjector", "model.path": str(tiny_ckpt("internvl2-2b"))},
+    )
+    wrapper = build_model_wrapper(cfg.model)
+    assert type(wrapper) is FrozenProjector
+    model = wrapper.build(torch.device("cpu"))
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"mlp1"}

@@ -18,10 +18,9 @@ from xtuner_vl.model import load_internvl
 from xtuner_vl.model.configuration import read_config
 from xtuner_vl.model.loader import build_empty_model
 from xtuner_vl.model.releases import release_config, release_names, resolve_model_config
-from xtuner_vl.recipes.build_model import apply_method, build_train_model
 from xtuner_vl.recipes.config import list_configs
 from xtuner_vl.recipes.estimate import estimate, layer_spec
-from xtuner_vl.recipes.settings import ModelSettings
+from xtuner_vl.recipes.model_wrapper import InternVLChat
 
 TINY = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_{}.py")
 
@@ -84,7 +83,7 @@ def _lora_hand_count(path, rank: int, vit_rank: int = 0) -> tuple[int, int]:
 
 def test_lora_trainable_counts(tiny_ckpt):
     path = tiny_ckpt("internvl2-2b")
-    e = estimate(TINY.format("lora"), cfg_options={**_opts(path), "model.vit_lora_rank": 4})
+    e = estimate(TINY.format("lora"), cfg_options={**_opts(path), "model.lora.vit_rank": 4})
     counts = {c.name: c for c in e.counts}
     llm_lora, vit_lora = _lora_hand_count(path, rank=8, vit_rank=4)
     assert counts["language_model"].lora == counts["language_model"].trainable == llm_lora
@@ -110,8 +109,10 @@ def test_qlora_counts_match_quantized_model(tiny_ckpt):
     e = estimate(TINY.format("qlora"), cfg_options={**_opts(path), "model.dtype": "bf16"})
     lm = {c.name: c for c in e.counts}["language_model"]
     # the real QLoRA model: the same layers quantized by bitsandbytes on CPU
-    s = ModelSettings(path=str(path), dtype="bf16", llm_lora_rank=8, quantize_llm=True, gradient_checkpointing=False)
-    real = apply_method(load_internvl(path, dtype=torch.float32), s, torch.bfloat16)
+    s = InternVLChat(
+        path=str(path), dtype="bf16", gradient_checkpointing=False, lora=dict(llm_rank=8), quantization=dict(llm="nf4")
+    )
+    real = s.apply_method(load_internvl(path, dtype=torch.float32), torch.bfloat16)
     packed = [p for p in real.language_model.parameters() if p.dtype == torch.uint8]
     assert lm.nf4_params == sum(p.quant_state.shape.numel() for p in packed)
     nf4 = sum(me.nf4_bytes(p.quant_state.shape.numel()) for p in packed)
@@ -174,9 +175,9 @@ def test_load_peak_in_report_matches_the_models(tiny_ckpt, capsys):
     full = dict(estimate(TINY.format("full"), gpus=2, cfg_options=opts).states)
     assert full[me.ZeroSetup(3)].load == base // 2 + 2 * largest
     assert full[me.ZeroSetup(0)].load == full[me.ZeroSetup(2)].load == base
-    # QLoRA: the nf4 model (as build_train_model quantizes it while loading) + its largest linear in bf16
-    s = ModelSettings(path=str(path), dtype="bf16", llm_lora_rank=8, quantize_llm=True)
-    real = build_train_model(s, torch.device("cpu"))
+    # QLoRA: the nf4 model (as InternVLChat.build quantizes it while loading) + its largest linear in bf16
+    s = InternVLChat(path=str(path), dtype="bf16", lora=dict(llm_rank=8), quantization=dict(llm="nf4"))
+    real = s.build(torch.device("cpu"))
     packed = [p.quant_state.shape.numel() for p in real.parameters() if p.dtype == torch.uint8]
     others = sum(p.numel() for n, p in real.named_parameters() if p.dtype != torch.uint8 and "lora_" not in n)
     qlora = dict(estimate(TINY.format("qlora"), gpus=2, cfg_options=opts).states)
@@ -224,12 +225,12 @@ def _unwrap(m):
     "family, method, o_proj_copy",
     [
         ("internvl2-2b", {}, False),  # full: InternLM2, ViT-300M trained
-        ("internvl2-2b", {"freeze_llm": True}, False),  # frozen LLM: gradients still flow to mlp1
-        ("internvl2-2b", {"llm_lora_rank": 8, "vit_lora_rank": 4}, False),
-        ("internvl2-2b", {"llm_lora_rank": 8, "vit_lora_rank": 4, "lora_dropout": 0.0}, False),
-        ("internvl-chat-v1-5", {"llm_lora_rank": 8, "vit_lora_rank": 4}, False),  # ViT-6B: rms + qk norm
+        ("internvl2-2b", {"freeze": {"llm": True}}, False),  # frozen LLM: gradients still flow to mlp1
+        ("internvl2-2b", {"lora": {"llm_rank": 8, "vit_rank": 4}}, False),
+        ("internvl2-2b", {"lora": {"llm_rank": 8, "vit_rank": 4, "dropout": 0.0}}, False),
+        ("internvl-chat-v1-5", {"lora": {"llm_rank": 8, "vit_rank": 4}}, False),  # ViT-6B: rms + qk norm
         ("internvl-chat-v1-5", {}, False),
-        ("internvl2-1b", {"llm_lora_rank": 8}, False),  # Qwen2: separate q/k/v with bias
+        ("internvl2-1b", {"lora": {"llm_rank": 8}}, False),  # Qwen2: separate q/k/v with bias
         ("internvl2-4b", {}, True),  # Phi-3: fused MHA qkv, o_proj reads a copy
     ],
 )
@@ -237,14 +238,19 @@ def test_layer_formulas_match_saved_tensors(family, method, o_proj_copy, tiny_ck
     """The closed form equals the bytes autograd saves per token in a real bf16 layer on CPU (where the
     dropout mask and LayerNorm statistics are bf16, so mask_bytes = stat_bytes = 2)."""
     path = tiny_ckpt(family)
-    freeze_vit = bool(method.get("vit_lora_rank")) or method.get("freeze_llm", False)
-    s = ModelSettings(path=str(path), freeze_vit=freeze_vit, gradient_checkpointing=False, **method)
-    model = apply_method(load_internvl(path, dtype=torch.bfloat16), s, torch.bfloat16).to(torch.bfloat16)
+    lora, freeze = method.get("lora"), method.get("freeze", {})
+    freeze_vit = bool(lora and lora.get("vit_rank")) or freeze.get("llm", False)
+    s = InternVLChat(path=str(path), gradient_checkpointing=False, freeze={**freeze, "vit": freeze_vit}, lora=lora)
+    model = s.apply_method(load_internvl(path, dtype=torch.bfloat16), torch.bfloat16).to(torch.bfloat16)
     vit, lm = _unwrap(model.vision_model), _unwrap(model.language_model)
     layers = {"llm": lm.model.layers[1], "vit": vit.encoder.layers[1], "mlp1": model.mlp1}
     measured, rows, seq, vit_tokens, image_tokens = saved_bytes(model, layers)
     a = me.ActivationSettings(
-        lora_dropout=s.lora_dropout, mask_bytes=2, stat_bytes=2, attn_out_copy=o_proj_copy, mask_seq_len=seq
+        lora_dropout=s.lora.dropout if s.lora else 0.0,
+        mask_bytes=2,
+        stat_bytes=2,
+        attn_out_copy=o_proj_copy,
+        mask_seq_len=seq,
     )
     lc, vc = lm.config, vit.config
     heads, kv = lc.num_attention_heads, lc.num_key_value_heads
@@ -275,7 +281,7 @@ def test_activation_parts_follow_the_method(tiny_ckpt):
     vocab = read_config(path).llm_config["vocab_size"]
     assert parts["logits"] == me.logits_bytes(lora.workload.micro_batch, 100, vocab, me.ActivationSettings())
     assert lora.activations["no_checkpointing"]["language_model"] > parts["language_model"]
-    vit = estimate(TINY.format("lora"), cfg_options={**_opts(path), "model.vit_lora_rank": 4})
+    vit = estimate(TINY.format("lora"), cfg_options={**_opts(path), "model.lora.vit_rank": 4})
     assert vit.activations["checkpointing"]["vision_model"] > 0
     # tiles: max_dynamic_patch 2 + thumbnail; logits by default at max_length minus one full-tile image
     assert vit.workload.tiles_per_row == 3
@@ -294,6 +300,9 @@ PUBLISHED = {  # total parameters, billions (Hugging Face model cards / safetens
     "InternVL-Chat-V1-5": 25.5,
     "Mini-InternVL-Chat-2B-V1-5": 2.2,
     "Mini-InternVL-Chat-4B-V1-5": 4.15,
+    "InternVL2_5-1B": 0.94,
+    "InternVL3-1B": 0.94,
+    "InternVL3_5-1B": 1.06,  # untied head: the InternVL3.5 docs' 0.8B language / 1.1B total
 }
 
 

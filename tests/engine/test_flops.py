@@ -11,8 +11,7 @@ from xtuner_vl.dataset.collate import PackedItem
 from xtuner_vl.dataset.packing import pack_rows
 from xtuner_vl.engine.flops import TrainingFlops, peak_bf16_flops, sample_shapes
 from xtuner_vl.model import load_internvl
-from xtuner_vl.recipes.build_model import apply_method
-from xtuner_vl.recipes.settings import ModelSettings
+from xtuner_vl.recipes.model_wrapper import InternVLChat
 from xtuner_vl.structures import IGNORE_INDEX, Sample
 from xtuner_vl.tiny.checkpoints import make_tiny
 
@@ -58,28 +57,33 @@ def _counted_step(model, tokens: int, tiles: int, prompt: int) -> tuple[float, t
     pixels, flags = torch.randn(tiles, 3, size, size, generator=gen), torch.ones(tiles, dtype=torch.long)
     index = (labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
-        out = model(pixel_values=pixels, input_ids=ids, image_flags=flags, use_cache=False, loss_index=index,
-                    loss_targets=labels[0, index + 1])
+        out = model(
+            pixel_values=pixels,
+            input_ids=ids,
+            image_flags=flags,
+            use_cache=False,
+            loss_index=index,
+            loss_targets=labels[0, index + 1],
+        )
         out.loss_sum.backward()
     return counter.get_total_flops(), sample_shapes(ids[0], labels[0], flags)
 
 
 METHODS = {
-    "lora (vit frozen, mlp1 trained)": dict(llm_lora_rank=8),
-    "full": dict(freeze_vit=False),
-    "vit + llm lora": dict(llm_lora_rank=8, vit_lora_rank=4),
-    "lora, mlp1 frozen": dict(llm_lora_rank=8, freeze_mlp=True),
-    "llm frozen, mlp1 trained": dict(freeze_llm=True),
-    "last vit layer only": dict(freeze_mlp=True, freeze_llm=True, unfreeze_vit_layers=1),
-    "lm head only": dict(freeze_mlp=True, freeze_llm=True, unfreeze_lm_head=True),
+    "lora (vit frozen, mlp1 trained)": dict(lora=dict(llm_rank=8, dropout=0.0)),
+    "full": dict(freeze=dict(vit=False)),
+    "vit + llm lora": dict(lora=dict(llm_rank=8, vit_rank=4, dropout=0.0)),
+    "lora, mlp1 frozen": dict(lora=dict(llm_rank=8, dropout=0.0), freeze=dict(mlp=True)),
+    "llm frozen, mlp1 trained": dict(freeze=dict(llm=True)),
+    "last vit layer only": dict(freeze=dict(mlp=True, llm=True, unfreeze_vit_layers=1)),
+    "lm head only": dict(freeze=dict(mlp=True, llm=True, unfreeze_lm_head=True)),
 }
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_count_equals_flop_counter(tiny_internvl2, method):
-    settings = ModelSettings(path=str(tiny_internvl2), gradient_checkpointing=False, lora_dropout=0.0,
-                             **METHODS[method])
-    model = apply_method(load_internvl(tiny_internvl2, dtype=torch.float32), settings, torch.float32)
+    settings = InternVLChat(path=str(tiny_internvl2), gradient_checkpointing=False, **METHODS[method])
+    model = settings.apply_method(load_internvl(tiny_internvl2, dtype=torch.float32), torch.float32)
     flops = TrainingFlops(model)
     for tokens, tiles, prompt in ((700, 2, 600), (300, 1, 280)):
         counted, shape = _counted_step(model, tokens, tiles, prompt)
@@ -118,8 +122,8 @@ def _sample(tokens: int, tiles: int, prompt: int) -> Sample:
 
 
 def test_batch_count_is_per_sample_packed_or_padded(tiny_internvl2):
-    settings = ModelSettings(path=str(tiny_internvl2), llm_lora_rank=8)
-    flops = TrainingFlops(apply_method(load_internvl(tiny_internvl2, dtype=torch.float32), settings, torch.float32))
+    settings = InternVLChat(path=str(tiny_internvl2), lora=dict(llm_rank=8))
+    flops = TrainingFlops(settings.apply_method(load_internvl(tiny_internvl2, dtype=torch.float32), torch.float32))
     samples = [_sample(900, 3, 850), _sample(120, 0, 60), _sample(400, 1, 390), _sample(50, 0, 20)]
     expected = sum(flops.sample(*sample_shapes(s.input_ids, s.labels, s.image_flags)) for s in samples)
     padded = collate_samples(samples).batch

@@ -9,14 +9,13 @@ from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.param_groups import param_groups
 from xtuner_vl.engine.torch_backend import TorchBackend
 from xtuner_vl.model.loss import OutputHead
-from xtuner_vl.recipes.build_model import build_train_model
-from xtuner_vl.recipes.settings import ModelSettings
+from xtuner_vl.recipes.model_wrapper import InternVLChat
 
 CPU = torch.device("cpu")
 
 
 def test_lora_in_bf16_keeps_frozen_llm_bf16(tiny_ckpt):
-    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-2b")), dtype="bf16", llm_lora_rank=4), CPU)
+    model = InternVLChat(path=str(tiny_ckpt("internvl2-2b")), dtype="bf16", lora=dict(llm_rank=4)).build(CPU)
     frozen = {p.dtype for n, p in model.language_model.named_parameters() if not p.requires_grad}
     lora = {p.dtype for n, p in model.language_model.named_parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and lora == {torch.float32}
@@ -27,7 +26,7 @@ def test_lora_in_bf16_keeps_frozen_llm_bf16(tiny_ckpt):
 
 
 def test_full_finetune_masters_fp32_frozen_vit_bf16(tiny_ckpt):
-    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-2b")), dtype="bf16"), CPU)
+    model = InternVLChat(path=str(tiny_ckpt("internvl2-2b")), dtype="bf16").build(CPU)
     groups = param_groups(model, 1e-3, 0.01, {"mlp1": 2.0})
     optim = torch.optim.AdamW(groups)
     TorchBackend(model, optim, DistInfo(0, 1, 0, CPU), 1.0, bf16=True)
@@ -39,8 +38,9 @@ def test_full_finetune_masters_fp32_frozen_vit_bf16(tiny_ckpt):
 
 
 def test_qlora_quantizes_llm_linears_only(tiny_ckpt):
-    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-2b")), llm_lora_rank=4,
-                                            quantize_llm=True), CPU)
+    model = InternVLChat(
+        path=str(tiny_ckpt("internvl2-2b")), lora=dict(llm_rank=4), quantization=dict(llm="nf4")
+    ).build(CPU)
     kinds = {type(m).__name__ for m in model.language_model.modules()}
     assert "Linear4bit" in kinds
     head = model.language_model.get_output_embeddings()
@@ -54,9 +54,10 @@ def test_qlora_quantizes_llm_linears_only(tiny_ckpt):
 
 
 def test_unfreeze_last_vit_layers_and_drop_path(tiny_ckpt):
-    s = ModelSettings(path=str(tiny_ckpt("internvl2-2b")), unfreeze_vit_layers=1, drop_path_rate=0.2,
-                      freeze_llm=True)
-    model = build_train_model(s, CPU)
+    s = InternVLChat(
+        path=str(tiny_ckpt("internvl2-2b")), drop_path_rate=0.2, freeze=dict(unfreeze_vit_layers=1, llm=True)
+    )
+    model = s.build(CPU)
     layers = model.vision_model.encoder.layers
     assert all(p.requires_grad for p in layers[-1].parameters())
     assert not any(p.requires_grad for p in layers[0].parameters())
@@ -67,17 +68,17 @@ def test_unfreeze_last_vit_layers_and_drop_path(tiny_ckpt):
 
 def test_unfreeze_switches_under_lora(tiny_ckpt):
     path = str(tiny_ckpt("internvl2-2b"))
-    model = build_train_model(ModelSettings(path=path, llm_lora_rank=4, unfreeze_lm_head=True), CPU)
+    model = InternVLChat(path=path, freeze=dict(unfreeze_lm_head=True), lora=dict(llm_rank=4)).build(CPU)
     trained = {n for n, p in model.language_model.named_parameters() if p.requires_grad}
-    assert "base_model.model.output.weight" in trained and all("lora_" in n for n in trained - {
-        "base_model.model.output.weight"})
-    with pytest.raises(ValueError, match="unfreeze_vit_layers and vit_lora_rank"):
-        build_train_model(ModelSettings(path=path, vit_lora_rank=4, unfreeze_vit_layers=1), CPU)
+    assert "base_model.model.output.weight" in trained and all(
+        "lora_" in n for n in trained - {"base_model.model.output.weight"}
+    )
+    with pytest.raises(ValueError, match="unfreeze_vit_layers and model.lora.vit_rank"):
+        InternVLChat(path=path, freeze=dict(unfreeze_vit_layers=1), lora=dict(vit_rank=4)).build(CPU)
 
 
 def test_vit_lora_wraps_official_vit_targets(tiny_ckpt):
-    model = build_train_model(ModelSettings(path=str(tiny_ckpt("internvl2-26b")), vit_lora_rank=4,
-                                            llm_lora_rank=4), CPU)
+    model = InternVLChat(path=str(tiny_ckpt("internvl2-26b")), lora=dict(vit_rank=4, llm_rank=4)).build(CPU)
     vit_targets = {n.split(".")[-4] for n, p in model.vision_model.named_parameters() if "lora_A" in n}
     assert vit_targets == {"qkv", "proj", "fc1", "fc2"}
     pixels, ids = torch.randn(1, 3, 448, 448), torch.randint(20, 300, (1, 300))

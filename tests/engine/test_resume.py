@@ -81,13 +81,18 @@ def test_resume_refuses_a_changed_data_order(train_assets, tmp_path):
     with the differences named, instead of silently training on another order."""
     work = tmp_path / "packed"
     base = cli_args(train_assets, work, "--resume", "auto") + [
-        "runtime.deepspeed=None", "dataloader.pack=True", "train_dataset.max_length=1536",
-        "schedule.global_batch_size=1", "schedule.micro_batch_size=1", "schedule.max_steps=2",
+        "runtime.deepspeed=None",
+        "dataloader.pack=True",
+        "train_dataset.max_length=1536",
+        "schedule.global_batch_size=1",
+        "schedule.micro_batch_size=1",
+        "schedule.max_steps=2",
         "runtime.save_steps=2",
     ]
     run_cli(base + ["dataloader.pack_length=2048"], cache=train_assets["cache"])
-    proc = run_cli(base + ["dataloader.pack_length=3072", "schedule.max_steps=4"], check=False,
-                   cache=train_assets["cache"])
+    proc = run_cli(
+        base + ["dataloader.pack_length=3072", "schedule.max_steps=4"], check=False, cache=train_assets["cache"]
+    )
     assert proc.returncode != 0
     assert "cannot resume exactly" in proc.stderr and "pack_length: 2048 -> 3072" in proc.stderr, proc.stderr[-3000:]
     # (Unchanged settings resume: test_sigkill_in_checkpoint_write_and_mid_run_then_resume goes through the

@@ -19,8 +19,7 @@ from tests.model.test_streaming_load import corrupt_checkpoint
 from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
 from xtuner_vl.engine.zero3_load import full_numel, full_shape, prepare_for_engine
 from xtuner_vl.model import load_internvl
-from xtuner_vl.recipes.build_model import build_train_model
-from xtuner_vl.recipes.settings import ModelSettings
+from xtuner_vl.recipes.model_wrapper import InternVLChat
 
 FAMILIES = ("internvl2-2b", "internvl2-40b", "internvl2-4b", "internvl2-1b")  # InternLM2, Llama, Phi-3, Qwen2
 
@@ -74,9 +73,9 @@ def test_bad_checkpoint_fails_before_deepspeed_with_the_plain_error(tiny_ckpt, t
     bad = corrupt_checkpoint(tiny_ckpt("internvl2-2b"), tmp_path / how, how)
     with pytest.raises(ValueError) as plain:
         load_internvl(bad)
-    s = ModelSettings(path=str(bad), llm_lora_rank=8)
+    s = InternVLChat(path=str(bad), lora=dict(llm_rank=8))
     with pytest.raises(ValueError) as partitioned:  # no process group exists: the headers are checked first
-        build_train_model(s, torch.device("cpu"), _zero3())
+        s.build(torch.device("cpu"), _zero3())
     assert str(partitioned.value) == str(plain.value)
 
 

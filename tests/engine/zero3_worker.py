@@ -23,8 +23,7 @@ from xtuner_vl.engine.seed import seed_everything
 from xtuner_vl.engine.zero3_load import full_numel, is_partitioned, load_partitioned
 from xtuner_vl.model import load_internvl
 from xtuner_vl.model.loader import open_checkpoint
-from xtuner_vl.recipes.build_model import build_train_model
-from xtuner_vl.recipes.settings import ModelSettings
+from xtuner_vl.recipes.model_wrapper import InternVLChat
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,11 +62,11 @@ def weight_mismatches(path: str, dtype: torch.dtype, d) -> list[str]:
 
 def method_mismatches(path: str, d, **method) -> list[str]:
     """The method applied after a partitioned load: freezing, LoRA, FLOPs and the optimizer's groups."""
-    s = ModelSettings(path=path, gradient_checkpointing=True, **method)
+    s = InternVLChat(path=path, gradient_checkpointing=True, **method)
     seed_everything(42)
-    old = build_train_model(s, d.device)
+    old = s.build(d.device)
     seed_everything(42)
-    new = build_train_model(s, d.device, ds_config(d.world_size, old.language_model.config.hidden_size))
+    new = s.build(d.device, ds_config(d.world_size, old.language_model.config.hidden_size))
     bad = []
     grads = [(n, p.requires_grad, p.numel()) for n, p in old.named_parameters()]
     if grads != [(n, p.requires_grad, full_numel(p)) for n, p in new.named_parameters()]:
@@ -92,10 +91,9 @@ def method_mismatches(path: str, d, **method) -> list[str]:
 
 def train_losses(config: str, assets: dict, work: Path, partitioned: bool) -> dict[int, float]:
     """Three ZeRO-3 steps of ``config`` through the real ``train``; the unpartitioned load where not asked."""
-    if partitioned:
-        train_recipe.build_train_model = build_train_model
-    else:
-        train_recipe.build_train_model = lambda s, device, ds_config=None: build_train_model(s, device)
+    build = InternVLChat.build
+    if not partitioned:
+        InternVLChat.build = lambda s, device, ds_config=None: build(s, device)
     options = {
         "model.path": assets["model"],
         "train_dataset.data_paths": [assets["data"]],
@@ -104,7 +102,10 @@ def train_losses(config: str, assets: dict, work: Path, partitioned: bool) -> di
         "runtime.save_steps": 100,
         "optim.weight_decay": 0.05,  # weight decay applies to 2-D weights only: partitioned ones must count
     }
-    train_recipe.train(str(CONFIG_ROOT / "tiny" / f"{config}.py"), "zero3", str(work), cfg_options=options)
+    try:
+        train_recipe.train(str(CONFIG_ROOT / "tiny" / f"{config}.py"), "zero3", str(work), cfg_options=options)
+    finally:
+        InternVLChat.build = build
     if torch.distributed.get_rank() != 0:  # rank 0 writes the log
         return {}
     records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
@@ -118,9 +119,9 @@ def main(assets_json: str, out_json: str) -> None:
     for family, path in assets["families"].items():
         out["weights"][family] = weight_mismatches(path, torch.float32, d)
     out["weights"]["internvl2-2b bf16"] = weight_mismatches(assets["families"]["internvl2-2b"], torch.bfloat16, d)
-    out["methods"]["lora"] = method_mismatches(assets["model"], d, llm_lora_rank=8)
+    out["methods"]["lora"] = method_mismatches(assets["model"], d, lora=dict(llm_rank=8))
     out["methods"]["full"] = method_mismatches(assets["model"], d, drop_path_rate=0.1)
-    out["methods"]["vit lora"] = method_mismatches(assets["model"], d, llm_lora_rank=4, vit_lora_rank=4)
+    out["methods"]["vit lora"] = method_mismatches(assets["model"], d, lora=dict(llm_rank=4, vit_rank=4))
     work = Path(assets["work"])
     for config in ("tiny_internvl2_lora", "tiny_internvl2_full"):
         out["losses"][config] = {

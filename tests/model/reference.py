@@ -108,7 +108,7 @@ def _llm(sd, lc, embeds, attention_mask, state):
     arch = lc["architectures"][0]
     b, n, hid = embeds.shape
     heads, kv = lc["num_attention_heads"], lc.get("num_key_value_heads") or lc["num_attention_heads"]
-    hd = hid // heads
+    hd = lc.get("head_dim") or hid // heads  # Qwen3 sets its own head_dim
     eps = lc["rms_norm_eps"]
     pos = torch.arange(n)[None].expand(b, n)
     cos, sin = _rope_tables(lc, hd, pos, n, state)
@@ -142,11 +142,16 @@ def _llm(sd, lc, embeds, attention_mask, state):
             )
             k = F.linear(y, sd[lp + "self_attn.k_proj.weight"], sd.get(lp + "self_attn.k_proj.bias")).view(b, n, kv, hd)
             v = F.linear(y, sd[lp + "self_attn.v_proj.weight"], sd.get(lp + "self_attn.v_proj.bias")).view(b, n, kv, hd)
+            if arch == "Qwen3ForCausalLM":  # RMSNorm of each head's q and k, before rotary
+                q, k = (
+                    _rms(q, sd[lp + "self_attn.q_norm.weight"], eps),
+                    _rms(k, sd[lp + "self_attn.k_norm.weight"], eps),
+                )
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
         w = (q @ k.transpose(2, 3)) / math.sqrt(hd) + mask
-        o = (w.softmax(-1) @ v).transpose(1, 2).reshape(b, n, hid)
+        o = (w.softmax(-1) @ v).transpose(1, 2).reshape(b, n, heads * hd)
         if arch == "InternLM2ForCausalLM":
             x = x + F.linear(o, sd[lp + "attention.wo.weight"])
             y = _rms(x, sd[lp + "ffn_norm.weight"], eps)
@@ -163,6 +168,8 @@ def _llm(sd, lc, embeds, attention_mask, state):
             gate, up = F.linear(y, sd[lp + "mlp.gate_proj.weight"]), F.linear(y, sd[lp + "mlp.up_proj.weight"])
         x = x + F.linear(F.silu(gate) * up, sd[lp + "mlp.down_proj.weight"])
     x = _rms(x, sd[pre + "norm.weight"], eps)
+    if lc.get("tie_word_embeddings") and arch != "InternLM2ForCausalLM":  # no head stored: the embedding is it
+        emb_out = pre + "embed_tokens.weight"
     return F.linear(x, sd[emb_out])
 
 

@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.loader import open_checkpoint, stream_into
 from xtuner_vl.model.weights import read_state_dict
-from xtuner_vl.recipes.build_model import apply_method, build_train_model
-from xtuner_vl.recipes.settings import ModelSettings
+from xtuner_vl.recipes.model_wrapper import InternVLChat
 
 CPU = torch.device("cpu")
 
@@ -112,16 +111,16 @@ def test_bad_checkpoints_give_load_internvl_errors(tiny_ckpt, tmp_path, how):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_qlora_quantized_while_loading_equals_quantized_after(tiny_ckpt, dtype):
-    """build_train_model quantizes each LLM linear as it is read; the old way loads the whole model and
-    then quantizes it (apply_method). Same nf4 bytes, same trainable set, same logits and loss."""
+    """InternVLChat.build quantizes each LLM linear as it is read; the old way loads the whole model and
+    then quantizes it (InternVLChat.apply_method). Same nf4 bytes, same trainable set, same logits and loss."""
     bnb = pytest.importorskip("bitsandbytes")
     path = tiny_ckpt("internvl2-2b")
-    s = ModelSettings(path=str(path), dtype=dtype, llm_lora_rank=8, quantize_llm=True, lora_dropout=0.0)
+    s = InternVLChat(path=str(path), dtype=dtype, lora=dict(llm_rank=8, dropout=0.0), quantization=dict(llm="nf4"))
     torch.manual_seed(0)
-    new = build_train_model(s, CPU)
+    new = s.build(CPU)
     torch.manual_seed(0)  # LoRA's init draws from the global RNG after the load, in both
     load_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    old = apply_method(load_internvl(path, dtype=load_dtype), s, load_dtype)
+    old = s.apply_method(load_internvl(path, dtype=load_dtype), load_dtype)
     _same_model(new, old)
     assert sum(type(m) is bnb.nn.Linear4bit for m in new.modules()) == 2 * 5  # 2 layers x 5 InternLM2 linears
     assert all(p.quant_state is not None for p in new.parameters() if p.dtype == torch.uint8)

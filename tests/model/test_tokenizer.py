@@ -1,31 +1,53 @@
-"""Tokenizers of the official InternVL families: tiny on-disk copies, loading without remote code, and our
-InternLM2 / Llama sentencepiece tokenizers against the official transformers 4.37 slow algorithms."""
+"""Tokenizers of the official InternVL families: tiny on-disk copies, loading without remote code, and ids equal
+to the official transformers 4.37 slow tokenizers (golden ids in data/golden_token_ids.json)."""
 
+import hashlib
 import json
-import re
+import shutil
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
-from xtuner_vl.model.internlm2_tokenizer import OFFICIAL_AUTO_MAP, InternLM2Tokenizer
-from xtuner_vl.model.llama_sp_tokenizer import LlamaSentencePieceTokenizer
+from xtuner_vl.model.sentencepiece_fast import (
+    NonLegacyLlamaTokenizerFast,
+    build_sentencepiece_tokenizer,
+    tokenizer_json_for_release,
+)
 from xtuner_vl.model.tokenizer import img_context_token_id, load_tokenizer
 from xtuner_vl.tiny.tokenizers import IMAGE_TOKENS, INTERNLM2_CHAT_TOKENS, PHI3_TOKENS, write_tiny_tokenizer
 
+GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_token_ids.json").read_text(encoding="utf-8"))
+REGENERATE = "regenerate with tools/golden_token_ids.py (see its docstring)"
 FAMILIES = ("internlm2", "phi3", "qwen2", "llama")
 FILES = {
     "internlm2": {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"},
-    "phi3": {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "added_tokens.json"},
-    "qwen2": {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json"},
+    "phi3": {
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    },
+    "qwen2": {
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    },
     "llama": {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"},
 }
-CLASSES = {"internlm2": "InternLM2Tokenizer", "phi3": "LlamaTokenizer", "qwen2": "Qwen2Tokenizer",
-           "llama": "LlamaTokenizer"}
+CLASSES = {
+    "internlm2": "InternLM2Tokenizer",
+    "phi3": "LlamaTokenizer",
+    "qwen2": "Qwen2Tokenizer",
+    "llama": "LlamaTokenizer",
+}
 BOS = {"internlm2": "<s>", "phi3": "<s>", "qwen2": None, "llama": None}
 CHAT_MARKERS = {
     "internlm2": ("<|im_start|>", "<|im_end|>"),
@@ -33,29 +55,8 @@ CHAT_MARKERS = {
     "qwen2": ("<|im_start|>", "<|im_end|>"),
     "llama": ("<|im_start|>", "<|im_end|>"),
 }
-SYSTEM = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
-    "是一个有用无害的人工智能助手。"
-)
-TRICKY = [
-    "", " ", "  ", "\n", "\n\n", "hello", " hello", "hello ", "  hello  world  ",
-    "Hello world.\nSecond line\n",
-    "<IMG_CONTEXT><IMG_CONTEXT><IMG_CONTEXT>", "<img><IMG_CONTEXT></img>\nDescribe the image.",
-    f"<|im_start|>system\n{SYSTEM}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT></img>\nWhat?<|im_end|>"
-    "<|im_start|>assistant\n",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n A cat. <|im_end|>", " <|im_end|> ",
-    "<|im_end|>\n", "text<s>more</s> <unk>end", "<s> leading bos",
-    "a<box>[[1, 2, 3, 4]]</box> b <ref>cat</ref>", "<quad></quad>",
-    "<|plugin|><|interpreter|><|action_start|><|action_end|>", "<|im_start|", "<<img>>", "<IMG_CONTEXT",
-    "数字 12345 and 678.9", "emoji 🐉 and ü é ñ", "tab\tsep", "▁underline ▁x", "trailing space ",
-    "Hello, world! It's a test; isn't it? (yes) [no] {maybe}",
-]
-LLAMA_TRICKY = [
-    *TRICKY, "<|system|>", "<|system|>\nYou are Phi-3.<|end|>\n<|user|>\n<img><IMG_CONTEXT></img>\nWhat?<|end|>\n"
-    "<|assistant|>\n", "<|user|>\nhi<|end|><|assistant|>\n A cat. <|end|>", "<|user|>  spaced", "x <|user|> y",
-    "<img>x", " <img>", "▁<img>", "▁<|user|>", "▁", " ▁", "▁▁x", "   leading three", "\n<|end|>\n",
-    "<|startoftext|>hi<|endoftext|>", " <|endoftext|> a", "<|im_start|>user\n hi<|im_end|>", "</s>\n x",
-]
+SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+TEXTS = GOLDEN["texts"]
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +72,6 @@ def _copy_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _reference_internlm2_ids(directory: Path, text: str) -> list[int]:
-    """The official algorithm, computed directly: split on the added tokens of tokenizer_config.json
-    (longest first), sentencepiece-encode each remaining chunk on its own, prepend BOS."""
-    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    added = {entry["content"]: int(i) for i, entry in config["added_tokens_decoder"].items()}
-    pattern = "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
-    sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
-    ids = [sp.bos_id()]
-    for chunk in re.split(pattern, text):
-        if chunk:
-            ids.extend([added[chunk]] if chunk in added else sp.encode(chunk))
-    return ids
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_files_class_and_size(tiny: dict, family: str) -> None:
     directory, vocab_size = tiny[family]
@@ -96,9 +83,9 @@ def test_tiny_files_class_and_size(tiny: dict, family: str) -> None:
     assert len(tokenizer) == vocab_size
     assert max(tokenizer.get_vocab().values()) == vocab_size - 1
     if family == "internlm2":
-        assert isinstance(tokenizer, InternLM2Tokenizer)
-        assert config["auto_map"] == OFFICIAL_AUTO_MAP
-    assert isinstance(tokenizer, LlamaSentencePieceTokenizer) == (CLASSES[family] == "LlamaTokenizer")
+        assert config["auto_map"]["AutoTokenizer"][0] == "tokenization_internlm2.InternLM2Tokenizer"
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    assert isinstance(tokenizer, NonLegacyLlamaTokenizerFast) == (family == "phi3")  # legacy: false
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -120,7 +107,7 @@ def test_special_token_ids(tiny: dict, family: str) -> None:
         proto = sp_pb2.ModelProto.FromString((directory / "tokenizer.model").read_bytes())
         n = len(proto.pieces)
         assert n == first
-        tail = proto.pieces[n - len(INTERNLM2_CHAT_TOKENS):]
+        tail = proto.pieces[n - len(INTERNLM2_CHAT_TOKENS) :]
         assert [p.piece for p in tail] == list(INTERNLM2_CHAT_TOKENS)
         assert all(p.type == sp_pb2.ModelProto.SentencePiece.USER_DEFINED for p in tail)
         assert tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"]) == [n - 2, n - 1]
@@ -179,37 +166,50 @@ def test_decode_round_trip(tiny: dict, family: str) -> None:
     assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "What is it?"
 
 
-@pytest.mark.parametrize("text", TRICKY)
-def test_internlm2_matches_official_algorithm(tiny: dict, text: str) -> None:
-    directory = tiny["internlm2"][0]
-    tokenizer = load_tokenizer(directory)
-    expected = _reference_internlm2_ids(directory, text)
-    assert tokenizer(text)["input_ids"] == expected
-    assert tokenizer.encode(text, add_special_tokens=False) == expected[1:]
+def _variant_dir(tiny: dict, variant: str, root: Path) -> Path:
+    entry = GOLDEN["variants"][variant]
+    directory = tiny[entry["family"]][0]
+    if not entry["config_overrides"]:
+        return directory
+    target = root / variant
+    shutil.copytree(directory, target)
+    config = json.loads((target / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.update(entry["config_overrides"])
+    (target / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return target
 
 
-def test_internlm2_decode_matches_official_outputs(tiny: dict) -> None:
-    # Outputs of the official InternLM2Tokenizer (transformers 4.37.2) on this tiny directory, quirks
-    # included: a space before a run of in-vocab special tokens, added tokens past the vocab joined by spaces.
-    tokenizer = load_tokenizer(tiny["internlm2"][0])
-    cases = {
-        "hello": (" <s>hello", "hello"),
-        "<img><IMG_CONTEXT></img>\nDescribe the image.": (
-            " <s> <img> <IMG_CONTEXT> </img> \nDescribe the image.", "\nDescribe the image."),
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n A cat. <|im_end|>": (
-            " <s><|im_start|> user\nhi<|im_end|> \n<|im_start|> assistant\n A cat. <|im_end|>",
-            "user\nhi\nassistant\n A cat. "),
-        "text<s>more</s> <unk>end": (" <s> text<s> more</s>  <unk>end", "textmore end"),
-        "a<box>[[1, 2, 3, 4]]</box> b <ref>cat</ref>": (
-            " <s>a <box> [[1, 2, 3, 4]] </box>  b  <ref> cat </ref>", "a[[1, 2, 3, 4]] b cat"),
-    }
-    for text, (plain, skipped) in cases.items():
-        ids = tokenizer(text)["input_ids"]
-        assert tokenizer.decode(ids) == plain
-        assert tokenizer.decode(ids, skip_special_tokens=True) == skipped
+@pytest.mark.parametrize("variant", sorted(GOLDEN["variants"]))
+def test_tiny_dirs_are_the_golden_ones(tiny: dict, variant: str) -> None:
+    entry = GOLDEN["variants"][variant]
+    directory = tiny[entry["family"]][0]
+    hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+    assert hashes == entry["files_sha256"], f"the tiny {entry['family']} tokenizer changed: {REGENERATE}"
 
 
-def test_internlm2_batch_padding_and_tensors(tiny: dict) -> None:
+@pytest.mark.parametrize("variant", sorted(GOLDEN["variants"]))
+def test_ids_equal_the_official_slow_tokenizers(tiny: dict, tmp_path: Path, variant: str) -> None:
+    tokenizer = load_tokenizer(_variant_dir(tiny, variant, tmp_path))
+    rows = GOLDEN["variants"][variant]["encodings"]
+    for text, row in zip(TEXTS, rows, strict=True):
+        assert tokenizer(text)["input_ids"] == row["ids"], (variant, text)
+        assert tokenizer.encode(text, add_special_tokens=False) == row["ids_no_special"], (variant, text)
+    assert tokenizer(TEXTS)["input_ids"] == [row["ids"] for row in rows]  # the batch path too
+    ids = tokenizer.encode(TEXTS[-1], add_special_tokens=False)
+    assert tokenizer.convert_tokens_to_ids(tokenizer.tokenize(TEXTS[-1])) == ids
+
+
+@pytest.mark.parametrize("variant", sorted(GOLDEN["variants"]))
+def test_decode_without_special_tokens_reads_the_text(tiny: dict, tmp_path: Path, variant: str) -> None:
+    # The 4.37 slow decoders add spaces around special and added tokens; ours follows the fast pipeline. With
+    # skip_special_tokens (how answers are read) both give the text back on plain text.
+    tokenizer = load_tokenizer(_variant_dir(tiny, variant, tmp_path))
+    for text, row in zip(TEXTS, GOLDEN["variants"][variant]["encodings"], strict=True):
+        if "<" not in text and "▁" not in text and text.strip() == text and text:
+            assert tokenizer.decode(row["ids"], skip_special_tokens=True) == row["decode_skip_special"], text
+
+
+def test_batch_padding_and_tensors(tiny: dict) -> None:
     tokenizer = load_tokenizer(tiny["internlm2"][0])
     batch = tokenizer(["hello world", "<IMG_CONTEXT>"], padding=True, return_tensors="pt")
     single = tokenizer("hello world")["input_ids"]
@@ -217,17 +217,6 @@ def test_internlm2_batch_padding_and_tensors(tiny: dict) -> None:
     assert batch["input_ids"][0].tolist() == single
     assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * (len(single) - 2)
     assert batch["input_ids"][1, 2:].eq(tokenizer.pad_token_id).all()
-
-
-def test_internlm2_save_pretrained_keeps_official_format(tiny: dict, tmp_path: Path) -> None:
-    directory = tiny["internlm2"][0]
-    tokenizer = load_tokenizer(directory)
-    tokenizer.save_pretrained(tmp_path)
-    for name in FILES["internlm2"]:  # byte for byte what the official release layout holds
-        assert (tmp_path / name).read_bytes() == (directory / name).read_bytes(), name
-    reloaded = load_tokenizer(tmp_path)
-    for text in TRICKY:
-        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
 
 
 def test_llama_sentencepiece_dir_follows_its_model(tiny: dict) -> None:
@@ -240,119 +229,48 @@ def test_llama_sentencepiece_dir_follows_its_model(tiny: dict) -> None:
         assert tokenizer.encode(text, add_special_tokens=False) == sp.encode(text)
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False) == [
-        start, *sp.encode("user\nhi"), end]
+        start,
+        *sp.encode("user\nhi"),
+        end,
+    ]
 
 
-def _reference_llama_ids(directory: Path, text: str, add_special_tokens: bool = True) -> list[int]:
-    """transformers 4.37.2 slow ``LlamaTokenizer``, computed directly with sentencepiece.
-
-    Non-legacy: the model runs without dummy prefix; the text gets a leading "▁" (its own "▁" become
-    spaces), dropped again when a special token follows; a chunk starting with a space is encoded after
-    "<unk>", whose pieces are cut off. Legacy: every chunk is plain sentencepiece. Chunks are what lies
-    between the added tokens (longest first), with the ``rstrip`` / ``lstrip`` flags applied."""
-    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    legacy = config.get("legacy") is not False
-    proto = sp_pb2.ModelProto.FromString((directory / "tokenizer.model").read_bytes())
-    proto.normalizer_spec.add_dummy_prefix &= legacy
-    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    added = {e["content"]: (int(i), e) for i, e in config["added_tokens_decoder"].items()}
-    specials = {config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)}
-    specials |= set(config["additional_special_tokens"])
-    if not legacy and text:
-        text = "▁" + text.replace("▁", " ")
-    chunks = re.split("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")", text)
-    for i in range(1, len(chunks), 2):  # odd positions hold the added tokens
-        entry = added[chunks[i]][1]
-        if entry["rstrip"]:
-            chunks[i + 1] = chunks[i + 1].lstrip()
-        if entry["lstrip"]:
-            chunks[i - 1] = chunks[i - 1].rstrip()
-    pieces: list[tuple[bool, str]] = []  # (is an added token, piece)
-    for i, chunk in enumerate(chunks):
-        if i % 2:
-            pieces.append((True, chunk))
-        elif chunk and not legacy and chunk.startswith((" ", "▁")):
-            cut = len(sp.encode("<unk>"))
-            pieces += [(False, p) for p in sp.encode("<unk>" + chunk, out_type=str)[cut:]]
-        elif chunk:
-            pieces += [(False, p) for p in sp.encode(chunk, out_type=str)]
-    if not legacy and len(pieces) > 1 and pieces[0] == (False, "▁") and pieces[1][1] in specials:
-        pieces = pieces[1:]
-    ids = [added[p][0] if is_added else sp.piece_to_id(p) for is_added, p in pieces]
-    if add_special_tokens:
-        ids = [added[config["bos_token"]][0]] * config["add_bos_token"] + ids
-        ids += [added[config["eos_token"]][0]] * config["add_eos_token"]
-    return ids
-
-
-@pytest.mark.parametrize("legacy", (None, True, False))
-@pytest.mark.parametrize("family", ("phi3", "llama"))
-def test_llama_family_matches_official_algorithm(tiny: dict, tmp_path: Path, family: str, legacy: bool | None) -> None:
-    directory = tiny[family][0]
-    if legacy is not None:  # the other legacy setting on the same model (None: as released)
-        directory = _copy_dir(directory, tmp_path / "dir")
-        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-        config["legacy"] = legacy
-        (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    tokenizer = load_tokenizer(directory)
-    assert tokenizer.legacy == json.loads((directory / "tokenizer_config.json").read_text())["legacy"]
-    for text in LLAMA_TRICKY:
-        assert tokenizer(text)["input_ids"] == _reference_llama_ids(directory, text), text
-        assert tokenizer.encode(text, add_special_tokens=False) == _reference_llama_ids(directory, text, False)
-
-
-def test_llama_family_official_quirks(tiny: dict) -> None:
-    # Outputs of transformers 4.37.2's slow LlamaTokenizer on these tiny directories.
+def test_non_legacy_text_step(tiny: dict) -> None:
     phi3 = load_tokenizer(tiny["phi3"][0])  # legacy: false
-    assert phi3.tokenize("<|system|>\nhi")[:2] == ["▁", "<|system|>"]  # <|system|> is no special token
-    assert phi3("<|system|>")["input_ids"] == [1, phi3.convert_tokens_to_ids("▁"), 646]
-    assert phi3("<img>x")["input_ids"][:2] == [1, 651]  # <img> is: the "▁" is dropped
-    assert phi3.tokenize("  hello") == ["▁▁", "▁hello"]
-    cases = {
-        "hello": ("<s> hello", "hello"),
-        "<|system|>": ("<s>  <|system|>", "<|system|>"),
-        "<|user|>\nhi<|end|><|assistant|>\n A cat. <|end|>": (
-            "<s>  <|user|> hi <|end|> <|assistant|> A cat.  <|end|>",
-            "<|user|> hi <|end|> <|assistant|> A cat.  <|end|>",
-        ),
-        "text<s>more</s> <unk>end": ("<s> text<s>more </s> <unk>end", "textmore </s> end"),
-        "▁underline ▁x": ("<s>  underline  x", " underline  x"),
-    }
-    for text, (plain, skipped) in cases.items():
-        ids = phi3(text)["input_ids"]
-        assert (phi3.decode(ids), phi3.decode(ids, skip_special_tokens=True)) == (plain, skipped), text
-    yi = load_tokenizer(tiny["llama"][0])  # legacy, no dummy prefix
-    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n A cat. <|im_end|>"
-    ids = yi(text)["input_ids"]
-    assert yi.decode(ids) == "<|im_start|>  user\nhi<|im_end|>\n <|im_start|>  assistant\n A cat. <|im_end|>"
-    assert yi.decode(ids, skip_special_tokens=True) == "<|im_start|> user\nhi\n <|im_start|> assistant\n A cat. "
-    assert yi.decode(yi("  hello  world  ")["input_ids"]) == " hello  world  "
+    system = phi3.convert_tokens_to_ids(["▁", "<|system|>"])
+    assert phi3.encode("<|system|>\nhi", add_special_tokens=False)[:2] == system  # <|system|> is not special
+    assert phi3("<img>x")["input_ids"][:2] == [1, phi3.convert_tokens_to_ids("<img>")]  # <img> is: no "▁"
+    assert phi3.official_text("<img>a▁b") == "<img>a b"
+    with pytest.raises(NotImplementedError, match="tokenizer files"):
+        phi3.save_pretrained("unused")
+    with pytest.raises(ValueError, match="non-legacy"):
+        tokenizer_json_for_release(phi3)
 
 
-@pytest.mark.parametrize("family", ("phi3", "llama"))
-def test_llama_family_save_pretrained_round_trip(tiny: dict, tmp_path: Path, family: str) -> None:
-    directory = tiny[family][0]
-    tokenizer = load_tokenizer(directory)
-    tokenizer.save_pretrained(tmp_path / "out")
-    for name in FILES[family]:  # byte for byte, tokenizer.json (phi3) copied through
-        assert (tmp_path / "out" / name).read_bytes() == (directory / name).read_bytes(), name
-    reloaded = load_tokenizer(tmp_path / "out")
-    for text in LLAMA_TRICKY:
-        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
-    # LlamaTokenizerFast and add_bos_token survive (transformers 5 drops the latter next to a tokenizer.json);
-    # a tokenizer.json that no longer matches the added tokens is not written.
+def test_release_tokenizer_json_is_the_pipeline(tiny: dict) -> None:
+    tokenizer = load_tokenizer(tiny["internlm2"][0])
+    text = tokenizer_json_for_release(tokenizer)
+    data = json.loads(text)
+    assert all(isinstance(m, str) and m.count(" ") == 1 for m in data["model"]["merges"])  # tokenizers < 0.20
+    assert "ignore_merges" not in data["model"]
+    fast = Tokenizer.from_str(text)
+    for t in TEXTS:
+        assert fast.encode(t).ids == tokenizer(t)["input_ids"]
+
+
+def test_unsupported_sentencepiece_models_are_refused(tiny: dict, tmp_path: Path) -> None:
+    directory = _copy_dir(tiny["internlm2"][0], tmp_path / "ckpt")
+    proto = sp_pb2.ModelProto.FromString((directory / "tokenizer.model").read_bytes())
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    (directory / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(ValueError, match="whitespace folding"):
+        build_sentencepiece_tokenizer(directory)
     config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=not config["add_bos_token"])
-    edited = _copy_dir(directory, tmp_path / "edited")
-    (edited / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    tokenizer = load_tokenizer(edited)
-    assert tokenizer.add_bos_token == config["add_bos_token"]
-    tokenizer.add_tokens(["<new_token>"])
-    tokenizer.save_pretrained(tmp_path / "again")
-    saved = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert (saved["tokenizer_class"], saved["add_bos_token"]) == ("LlamaTokenizerFast", config["add_bos_token"])
-    assert not (tmp_path / "again" / "tokenizer.json").exists()
-    assert load_tokenizer(tmp_path / "again").encode("a<new_token>", add_special_tokens=False)[-1] == len(tokenizer) - 1
+    config["added_tokens_decoder"]["1"]["single_word"] = True
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (directory / "tokenizer.model").write_bytes((tiny["internlm2"][0] / "tokenizer.model").read_bytes())
+    with pytest.raises(ValueError, match="single_word"):
+        load_tokenizer(directory)
 
 
 @pytest.mark.parametrize("family", ("phi3", "qwen2"))
@@ -368,7 +286,7 @@ def test_tokenizer_json_matches_vocab_files(tiny: dict, family: str) -> None:
             assert fast.encode(text, add_special_tokens=False).ids == sp.encode(text)
     else:  # what transformers 5 builds from vocab.json / merges.txt == the tokenizer.json
         tokenizer = load_tokenizer(directory)
-        for text in [*texts, *TRICKY]:
+        for text in [*texts, *TEXTS]:
             assert tokenizer.encode(text) == fast.encode(text).ids
 
 
@@ -389,8 +307,7 @@ def test_remote_code_is_never_executed(tiny: dict, tmp_path: Path, drop_class: b
         del config["tokenizer_class"]
         (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     tokenizer = load_tokenizer(directory)
-    assert isinstance(tokenizer, InternLM2Tokenizer)
-    assert tokenizer("hi")["input_ids"] == _reference_internlm2_ids(directory, "hi")
+    assert tokenizer("hi")["input_ids"] == load_tokenizer(tiny["internlm2"][0])("hi")["input_ids"]
     assert not (directory / "EXECUTED").exists()
 
 

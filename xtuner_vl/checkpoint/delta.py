@@ -60,7 +60,7 @@ def official_name(name: str) -> str:
     for part in _PARTS:
         prefix = f"{part}.base_model.model."
         if name.startswith(prefix):
-            name = f"{part}.{name[len(prefix):]}"
+            name = f"{part}.{name[len(prefix) :]}"
     return name.replace(".base_layer.", ".")
 
 

@@ -9,8 +9,8 @@ AutoModel) text model. This module writes such a directory from an official one,
   (``wqkv`` split per KV group, see :func:`split_wqkv`);
 - config.json: ``InternVLConfig`` (vision fields translated, text config of the backbone's transformers type),
   plus ``internvl_chat_config``: the official top-level fields, so ``--from-hf`` can restore them;
-- tokenizer and processor: a ``tokenizer.json`` (InternLM2's sentencepiece model converted to a fast
-  tokenizer, same ids as :class:`xtuner_vl.model.internlm2_tokenizer.InternLM2Tokenizer`), the image tokens
+- tokenizer and processor: a ``tokenizer.json`` (the fast pipeline of :func:`xtuner_vl.model.load_tokenizer`:
+  for sentencepiece models the one of :mod:`xtuner_vl.model.sentencepiece_fast`, same ids), the image tokens
   named as transformers' ``InternVLProcessor`` expects, a ``GotOcr2ImageProcessor`` with the official tiling
   and normalisation, and a chat template rendering the official template of the checkpoint.
 
@@ -52,8 +52,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import Tokenizer
 from transformers import (
     GotOcr2ImageProcessor,
     InternVLConfig,
@@ -61,7 +60,6 @@ from transformers import (
     InternVLVideoProcessor,
     InternVLVisionConfig,
     LlamaConfig,
-    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -71,7 +69,9 @@ from xtuner_vl.dataset.image import IMAGENET_MEAN, IMAGENET_STD
 from xtuner_vl.dataset.templates import get_template
 from xtuner_vl.model.configuration import InternVLConfig as OfficialConfig
 from xtuner_vl.model.configuration import VisionConfig, read_config
+from xtuner_vl.model.internlm2 import LLAMA_SHARED_FIELDS
 from xtuner_vl.model.llm import build_llm_config
+from xtuner_vl.model.sentencepiece_fast import NonLegacyLlamaTokenizerFast
 from xtuner_vl.model.tokenizer import IMG_CONTEXT_TOKEN, img_context_token_id, load_tokenizer
 from xtuner_vl.model.weights import atomic_write_text
 
@@ -116,8 +116,11 @@ _VIT_RENAMES = (
     (".ls1", ".lambda_1"),
     (".ls2", ".lambda_2"),
 )
-_MLP1 = {"mlp1.0.": "model.multi_modal_projector.layer_norm.", "mlp1.1.": "model.multi_modal_projector.linear_1.",
-         "mlp1.3.": "model.multi_modal_projector.linear_2."}
+_MLP1 = {
+    "mlp1.0.": "model.multi_modal_projector.layer_norm.",
+    "mlp1.1.": "model.multi_modal_projector.linear_1.",
+    "mlp1.3.": "model.multi_modal_projector.linear_2.",
+}
 
 
 def check_hf_exportable(raw: dict[str, Any], source: str) -> None:
@@ -155,24 +158,38 @@ def _internlm2_text_config(llm: dict[str, Any]) -> LlamaConfig:
         # InternLM2 keeps its longest table: a generation that grew past max_position_embeddings and is
         # followed by a shorter call differs.
         rope.update(rope_type=kind, factor=float(scaling["factor"]))
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-            "use_cache", "pad_token_id", "bos_token_id", "eos_token_id")
-    return LlamaConfig(**{k: llm[k] for k in keys if llm.get(k) is not None}, attention_bias=bool(llm.get("bias")),
-                       mlp_bias=False, rope_parameters=rope, tie_word_embeddings=False)
+    return LlamaConfig(
+        **{k: llm[k] for k in LLAMA_SHARED_FIELDS if llm.get(k) is not None},
+        attention_bias=bool(llm.get("bias")),
+        mlp_bias=False,
+        rope_parameters=rope,
+        tie_word_embeddings=False,
+    )
 
 
 def _vision_config(raw_vision: dict[str, Any]) -> InternVLVisionConfig:
     v = VisionConfig.from_dict(raw_vision)
     return InternVLVisionConfig(
-        hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        intermediate_size=v.intermediate_size, hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps,
-        norm_type=v.norm_type, image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-        attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization, attention_dropout=v.attention_dropout,
-        hidden_dropout_prob=v.dropout, projection_dropout=v.dropout,
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        intermediate_size=v.intermediate_size,
+        hidden_act=v.hidden_act,
+        layer_norm_eps=v.layer_norm_eps,
+        norm_type=v.norm_type,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=v.num_channels,
+        attention_bias=v.qkv_bias,
+        use_qk_norm=v.qk_normalization,
+        attention_dropout=v.attention_dropout,
+        hidden_dropout_prob=v.dropout,
+        projection_dropout=v.dropout,
         initializer_range=raw_vision.get("initializer_range", 0.02),
         # InternViT initialises ls1/ls2 to initializer_factor; no final norm, hence "mean pooling" (Identity).
-        layer_scale_init_value=v.initializer_factor, use_mean_pooling=True, use_absolute_position_embeddings=True,
+        layer_scale_init_value=v.initializer_factor,
+        use_mean_pooling=True,
+        use_absolute_position_embeddings=True,
     )
 
 
@@ -185,9 +202,14 @@ def hf_config(raw: dict[str, Any], image_token_id: int) -> InternVLConfig:
         text = build_llm_config(llm)
     cfg = OfficialConfig.from_dict(raw)
     config = InternVLConfig(
-        vision_config=_vision_config(raw["vision_config"]).to_dict(), text_config=text.to_dict(),
-        image_token_id=image_token_id, image_seq_length=cfg.num_image_token, downsample_ratio=cfg.downsample_ratio,
-        projector_hidden_act="gelu", vision_feature_layer=cfg.select_layer, vision_feature_select_strategy="default",
+        vision_config=_vision_config(raw["vision_config"]).to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=image_token_id,
+        image_seq_length=cfg.num_image_token,
+        downsample_ratio=cfg.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=cfg.select_layer,
+        vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
     config.architectures = ["InternVLForConditionalGeneration"]
@@ -221,66 +243,31 @@ def hf_tensors(key: str, tensor: torch.Tensor, llm: dict[str, Any]) -> list[tupl
     """The transformers-native ``(name, tensor)`` pairs of one official tensor ``key``."""
     internlm2 = llm["architectures"][0] == "InternLM2ForCausalLM"
     if key.startswith("vision_model."):
-        name = "model.vision_tower." + _rename(key[len("vision_model."):], _VIT_RENAMES)
+        name = "model.vision_tower." + _rename(key[len("vision_model.") :], _VIT_RENAMES)
         if ".attn.qkv." in name:
             parts = tensor.chunk(3, dim=0)  # InternViT's qkv rows: all q, then all k, then all v
-            return [(name.replace(".attn.qkv.", f".attention.{p}_proj."), t.contiguous())
-                    for p, t in zip("qkv", parts, strict=True)]
+            return [
+                (name.replace(".attn.qkv.", f".attention.{p}_proj."), t.contiguous())
+                for p, t in zip("qkv", parts, strict=True)
+            ]
         return [(name, tensor)]
     for old, new in _MLP1.items():
         if key.startswith(old):
-            return [(new + key[len(old):], tensor)]
+            return [(new + key[len(old) :], tensor)]
     if key in ("language_model.lm_head.weight", "language_model.output.weight"):
         return [("lm_head.weight", tensor)]
     if not key.startswith("language_model.model."):
         raise CheckpointError(f"official weight {key!r} has no transformers-native counterpart")
-    name = "model.language_model." + key[len("language_model.model."):]
+    name = "model.language_model." + key[len("language_model.model.") :]
     if not internlm2:
         return [(name, tensor)]
-    name = _rename("model." + name[len("model.language_model."):], _INTERNLM2_RENAMES)
-    name = "model.language_model." + name[len("model."):]
+    name = _rename("model." + name[len("model.language_model.") :], _INTERNLM2_RENAMES)
+    name = "model.language_model." + name[len("model.") :]
     if ".attention.wqkv." in name:
         heads = llm["num_attention_heads"]
         qkv = split_wqkv(tensor, heads, llm.get("num_key_value_heads") or heads)
         return [(name.replace(".attention.wqkv.", f".self_attn.{p}_proj."), t) for p, t in zip("qkv", qkv, strict=True)]
     return [(name, tensor)]
-
-
-def _sentencepiece_fast(model_file: Path, slow: PreTrainedTokenizerBase) -> Tokenizer:
-    """A fast BPE tokenizer with the ids of our sentencepiece tokenizers (InternLM2, Yi / Llama).
-
-    sentencepiece BPE merges, at each step, the adjacent pair whose merged piece scores highest (lowest id);
-    listing every split of every piece, ranked by the merged piece's id, gives transformers the same order.
-    The added tokens are split off first, as the slow tokenizers do, with their lstrip/rstrip flags.
-    """
-    proto = sp_pb2.ModelProto.FromString(model_file.read_bytes())
-    spec = proto.normalizer_spec
-    if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE or spec.remove_extra_whitespaces:
-        raise CheckpointError(f"{model_file}: only BPE sentencepiece models without whitespace folding convert")
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    ranked = []
-    for i, piece in enumerate(proto.pieces):
-        if piece.type == sp_pb2.ModelProto.SentencePiece.NORMAL:
-            s = piece.piece
-            ranked += [(i, vocab[s[:k]], vocab[s[k:]]) for k in range(1, len(s)) if s[:k] in vocab and s[k:] in vocab]
-    merges = [(proto.pieces[a].piece, proto.pieces[b].piece) for _, a, b in sorted(ranked)]
-    unk = proto.pieces[proto.trainer_spec.unk_id].piece
-    fast = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    norm = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
-    norm += [normalizers.Prepend("▁")] if spec.add_dummy_prefix else []
-    fast.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", "▁")])
-    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    fast.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
-    single, specials = "$A:0", []
-    if getattr(slow, "add_bos_token", False):
-        single, specials = f"{slow.bos_token}:0 $A:0", [(slow.bos_token, slow.bos_token_id)]
-    if getattr(slow, "add_eos_token", False):
-        single, specials = f"{single} {slow.eos_token}:0", [*specials, (slow.eos_token, slow.eos_token_id)]
-    fast.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
-    added = sorted(slow.added_tokens_decoder.items())
-    fast.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
-                                        normalized=t.normalized, special=t.special) for _, t in added])
-    return fast
 
 
 def _chat_template(raw: dict[str, Any]) -> str:
@@ -318,39 +305,61 @@ def _image_processor(cfg: OfficialConfig) -> GotOcr2ImageProcessor:
     # model without dynamic tiling is written as a single-patch grid: 1x1, no thumbnail, one bicubic resize.
     dynamic = bool(cfg.dynamic_image_size)
     return GotOcr2ImageProcessor(
-        size={"height": cfg.image_size, "width": cfg.image_size}, resample=Image.Resampling.BICUBIC,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD), do_convert_rgb=True, crop_to_patches=dynamic,
-        min_patches=cfg.min_dynamic_patch if dynamic else 1, max_patches=cfg.max_dynamic_patch if dynamic else 1,
+        size={"height": cfg.image_size, "width": cfg.image_size},
+        resample=Image.Resampling.BICUBIC,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+        crop_to_patches=dynamic,
+        min_patches=cfg.min_dynamic_patch if dynamic else 1,
+        max_patches=cfg.max_dynamic_patch if dynamic else 1,
     )
 
 
 def write_hf_processor(official_dir: str | Path, out_dir: str | Path, raw: dict[str, Any]) -> None:
     """Write the tokenizer (``tokenizer.json``, no remote code), image/video processors and chat template."""
     source, out = Path(official_dir), Path(out_dir)
-    slow = load_tokenizer(source)
-    if (source / "tokenizer.model").is_file():
-        fast = _sentencepiece_fast(source / "tokenizer.model", slow)
-    else:  # Qwen2: already a byte-level BPE tokenizer.json with the same ids
-        fast = Tokenizer.from_str(slow.backend_tokenizer.to_str())
-    named = {k: str(getattr(slow, k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-             if getattr(slow, k, None) is not None}
+    trained = load_tokenizer(source)  # the training tokenizer; its fast pipeline has the training ids
+    if isinstance(trained, NonLegacyLlamaTokenizerFast):
+        raise CheckpointError(f"{source}: a legacy=false Llama tokenizer cannot be exported as tokenizer.json")
+    fast = Tokenizer.from_str(trained.backend_tokenizer.to_str())
+    named = {
+        k: str(getattr(trained, k))
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if getattr(trained, k, None) is not None
+    }
     template = _chat_template(raw)
     # <video> is not in the official vocabularies: the processor replaces it by frame tiles before tokenizing,
     # so its new id (len(vocab)) never reaches the model.
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=fast, **named, extra_special_tokens={**IMAGE_TOKENS, "video_token": VIDEO_TOKEN},
-        model_max_length=slow.model_max_length, padding_side=slow.padding_side, chat_template=template,
+        tokenizer_object=fast,
+        **named,
+        extra_special_tokens={**IMAGE_TOKENS, "video_token": VIDEO_TOKEN},
+        model_max_length=trained.model_max_length,
+        padding_side=trained.padding_side,
+        chat_template=template,
     )
     cfg = OfficialConfig.from_dict(raw)
     # Frames are one tile each, resized like a tile; the caller samples them (do_sample_frames off).
     video = InternVLVideoProcessor(
-        size={"height": cfg.image_size, "width": cfg.image_size}, resample=Image.Resampling.BICUBIC,
-        rescale_factor=1 / 255, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
+        size={"height": cfg.image_size, "width": cfg.image_size},
+        resample=Image.Resampling.BICUBIC,
+        rescale_factor=1 / 255,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
         do_sample_frames=False,
     )
-    processor = InternVLProcessor(image_processor=_image_processor(cfg), tokenizer=tokenizer, video_processor=video,
-                                  image_seq_length=cfg.num_image_token, chat_template=template)
+    processor = InternVLProcessor(
+        image_processor=_image_processor(cfg),
+        tokenizer=tokenizer,
+        video_processor=video,
+        image_seq_length=cfg.num_image_token,
+        chat_template=template,
+    )
     processor.save_pretrained(str(out))
 
 

@@ -27,6 +27,7 @@ from xtuner_vl.checkpoint.hf_export import OFFICIAL_FIELDS_KEY, hf_tensors
 from xtuner_vl.checkpoint.stream import ShardWriter
 from xtuner_vl.checkpoint.trained import CheckpointError
 from xtuner_vl.model.configuration import InternVLConfig as OfficialConfig
+from xtuner_vl.model.internlm2 import LLAMA_SHARED_FIELDS
 from xtuner_vl.model.loader import build_empty_model
 from xtuner_vl.model.saver import copy_support_files
 from xtuner_vl.model.weights import atomic_write_text, weight_files
@@ -44,12 +45,14 @@ _INTERNVL_AUTO_MAP = {
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
 }
-_LLM_SHARED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-               "use_cache", "pad_token_id", "bos_token_id", "eos_token_id")
 _HF_ONLY_TEXT = ("rope_parameters", "dtype", "model_type", "architectures", "transformers_version")
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                       "generation_config.json")
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -72,9 +75,14 @@ def _rope_fields(text: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def _llm_config(text: dict[str, Any], arch: str, dtype: str) -> dict[str, Any]:
     theta, scaling = _rope_fields(text)
     if arch == "InternLM2ForCausalLM":
-        llm = {k: text[k] for k in _LLM_SHARED if k in text}
-        llm.update(architectures=[arch], auto_map=_INTERNLM2_AUTO_MAP, model_type="internlm2",
-                   attn_implementation="eager", bias=bool(text.get("attention_bias")))
+        llm = {k: text[k] for k in LLAMA_SHARED_FIELDS if k in text}
+        llm.update(
+            architectures=[arch],
+            auto_map=_INTERNLM2_AUTO_MAP,
+            model_type="internlm2",
+            attn_implementation="eager",
+            bias=bool(text.get("attention_bias")),
+        )
     else:
         llm = {k: v for k, v in text.items() if k not in _HF_ONLY_TEXT}
         llm.update(architectures=[arch], model_type=text["model_type"])
@@ -85,16 +93,26 @@ def _llm_config(text: dict[str, Any], arch: str, dtype: str) -> dict[str, Any]:
 def _vision_config(vision: dict[str, Any], dtype: str) -> dict[str, Any]:
     first = lambda x: x[0] if isinstance(x, (list, tuple)) else x  # noqa: E731
     return {
-        "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-        "hidden_size": vision["hidden_size"], "num_hidden_layers": vision["num_hidden_layers"],
-        "num_attention_heads": vision["num_attention_heads"], "intermediate_size": vision["intermediate_size"],
-        "hidden_act": vision.get("hidden_act", "gelu"), "layer_norm_eps": vision.get("layer_norm_eps", 1e-6),
-        "norm_type": vision.get("norm_type", "layer_norm"), "image_size": first(vision.get("image_size", 448)),
-        "patch_size": first(vision.get("patch_size", 14)), "num_channels": vision.get("num_channels", 3),
-        "qkv_bias": bool(vision.get("attention_bias")), "qk_normalization": bool(vision.get("use_qk_norm")),
-        "dropout": vision.get("hidden_dropout_prob", 0.0), "attention_dropout": vision.get("attention_dropout", 0.0),
-        "drop_path_rate": 0.0, "initializer_factor": vision.get("layer_scale_init_value", 0.1),
-        "initializer_range": vision.get("initializer_range", 0.02), "torch_dtype": dtype,
+        "architectures": ["InternVisionModel"],
+        "model_type": "intern_vit_6b",
+        "hidden_size": vision["hidden_size"],
+        "num_hidden_layers": vision["num_hidden_layers"],
+        "num_attention_heads": vision["num_attention_heads"],
+        "intermediate_size": vision["intermediate_size"],
+        "hidden_act": vision.get("hidden_act", "gelu"),
+        "layer_norm_eps": vision.get("layer_norm_eps", 1e-6),
+        "norm_type": vision.get("norm_type", "layer_norm"),
+        "image_size": first(vision.get("image_size", 448)),
+        "patch_size": first(vision.get("patch_size", 14)),
+        "num_channels": vision.get("num_channels", 3),
+        "qkv_bias": bool(vision.get("attention_bias")),
+        "qk_normalization": bool(vision.get("use_qk_norm")),
+        "dropout": vision.get("hidden_dropout_prob", 0.0),
+        "attention_dropout": vision.get("attention_dropout", 0.0),
+        "drop_path_rate": 0.0,
+        "initializer_factor": vision.get("layer_scale_init_value", 0.1),
+        "initializer_range": vision.get("initializer_range", 0.02),
+        "torch_dtype": dtype,
     }
 
 
@@ -119,14 +137,29 @@ def official_config_from_hf(hf: dict[str, Any], base: dict[str, Any] | None = No
         raw.update(recorded)
     else:
         default_template = "internlm2-chat" if arch == "InternLM2ForCausalLM" else "Hermes-2"
-        raw = {"architectures": ["InternVLChatModel"], "auto_map": _INTERNVL_AUTO_MAP, "model_type": "internvl_chat",
-               "dynamic_image_size": True, "force_image_size": _vision_config(hf["vision_config"], dtype)["image_size"],
-               "max_dynamic_patch": 12, "min_dynamic_patch": 1, "pad2square": False, "template": default_template,
-               "use_thumbnail": True, **recorded}
+        raw = {
+            "architectures": ["InternVLChatModel"],
+            "auto_map": _INTERNVL_AUTO_MAP,
+            "model_type": "internvl_chat",
+            "dynamic_image_size": True,
+            "force_image_size": _vision_config(hf["vision_config"], dtype)["image_size"],
+            "max_dynamic_patch": 12,
+            "min_dynamic_patch": 1,
+            "pad2square": False,
+            "template": default_template,
+            "use_thumbnail": True,
+            **recorded,
+        }
         raw["vision_config"] = _vision_config(hf["vision_config"], dtype)
         raw["llm_config"] = _llm_config(text, arch, dtype)
-    raw.update(downsample_ratio=hf.get("downsample_ratio", 0.5), select_layer=hf.get("vision_feature_layer", -1),
-               ps_version="v2", use_backbone_lora=0, use_llm_lora=0, torch_dtype=dtype)
+    raw.update(
+        downsample_ratio=hf.get("downsample_ratio", 0.5),
+        select_layer=hf.get("vision_feature_layer", -1),
+        ps_version="v2",
+        use_backbone_lora=0,
+        use_llm_lora=0,
+        torch_dtype=dtype,
+    )
     for sub in ("vision_config", "llm_config"):
         if "torch_dtype" in raw[sub]:
             raw[sub]["torch_dtype"] = dtype

@@ -79,6 +79,17 @@ def torchrun_command(
     ]
 
 
+def omp_threads_per_rank(env: Mapping[str, str] | None = None, cpus: int | None = None) -> str:
+    """This node's cores shared among its ranks, for ``OMP_NUM_THREADS`` when the user has not set it.
+
+    torchrun would set 1, with a banner on every launch; one thread per rank starves the CPU work a rank does
+    (DeepSpeed's CPU Adam with the offload presets, collate in the main process).
+    """
+    env = os.environ if env is None else env
+    nproc = max(1, int(env.get("NPROC_PER_NODE", "1")))
+    return str(max(1, (cpus or os.cpu_count() or 1) // nproc))
+
+
 def relaunch_with_torchrun(argv: Sequence[str], module: str = "xtuner_vl.cli.main") -> int:
     """Run ``python -m <module> <argv>`` (``xtuner-vl <argv>``) under torchrun and return its exit status.
 
@@ -89,6 +100,7 @@ def relaunch_with_torchrun(argv: Sequence[str], module: str = "xtuner_vl.cli.mai
 
     cmd = torchrun_command(argv, module=module)
     print("launching: " + " ".join(cmd), flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", omp_threads_per_rank())
     stand_ins = {} if torchrun_passes_sigusr1() else {signal.SIGUSR1: signal.SIGTERM}
     # torchrun turns any worker status but 0 into 1; rank 0 writes this file once it saved on a stop signal.
     with tempfile.TemporaryDirectory(prefix="xtuner-vl-") as tmp:

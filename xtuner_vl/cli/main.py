@@ -79,7 +79,7 @@ def _copy_cfg(args: argparse.Namespace) -> int:
     from xtuner_vl.recipes.config import copy_config
 
     dst = copy_config(args.name, args.dir)
-    print(f"copied {args.name} to {dst} (its _base_ paths made absolute); edit it, then `xtuner-vl train {dst}`")
+    print(f"copied {args.name} to {dst} (one file, every base merged in); edit it, then `xtuner-vl train {dst}`")
     return 0
 
 

@@ -85,8 +85,10 @@ def expand_image_tokens(text: str, num_image_tokens: Sequence[int]) -> str:
     counts = list(num_image_tokens)
     found = text.count(IMAGE_PLACEHOLDER)
     if found != len(counts):
-        raise ConversationError(f"the text holds {found} {IMAGE_PLACEHOLDER} placeholder(s) but {len(counts)} "
-                                f"image token count(s) were given ({counts})")
+        raise ConversationError(
+            f"the text holds {found} {IMAGE_PLACEHOLDER} placeholder(s) but {len(counts)} "
+            f"image token count(s) were given ({counts})"
+        )
     if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in counts):
         raise ConversationError(f"image token counts must be positive ints, got {counts}")
     chunks = text.split(IMAGE_PLACEHOLDER)
@@ -109,17 +111,21 @@ def _check_turn(index: int, turn: Any) -> tuple[str, str]:
         raise ConversationError(f"turn {index} is a system turn; only the first turn may be one")
     for reserved in _RESERVED:
         if reserved in turn["value"]:
-            raise ConversationError(f"turn {index} types the reserved image token {reserved} literally; only "
-                                    f"{IMAGE_PLACEHOLDER} placeholders may stand for images")
+            raise ConversationError(
+                f"turn {index} types the reserved image token {reserved} literally; only "
+                f"{IMAGE_PLACEHOLDER} placeholders may stand for images"
+            )
     if role != _HUMAN and IMAGE_PLACEHOLDER in turn["value"]:
         raise ConversationError(f"turn {index} ({role}) holds {IMAGE_PLACEHOLDER}; only human turns may")
     return role, turn["value"]
 
 
-def _parse(conversations: Sequence[dict[str, Any]], template: Template) -> tuple[str, list[tuple[str, str]]]:
-    """Validate the turns; return the system message and the (question, answer) pairs, stripped if the
-    template strips. A leading system turn replaces the template's system message (as ``internvl2_5`` does;
-    the InternVL2-era code crashes on one); leading gpt turns are dropped (the official code drops one)."""
+def _parse(conversations: Sequence[dict[str, Any]], template: Template) -> tuple[str, list[str], list[tuple[str, str]]]:
+    """Validate the turns; return the system message, the leading answers and the (question, answer) pairs,
+    stripped if the template strips. A leading system turn replaces the template's system message (as
+    ``internvl2_5`` does; the InternVL2-era code crashes on one). Gpt turns before the first human turn are
+    the leading answers where the template keeps them (``preprocess_internvl2_5`` writes every turn), else
+    dropped (the other preprocess functions drop one)."""
     if not conversations:
         raise ConversationError("empty conversation")
     turns = [_check_turn(i, turn) for i, turn in enumerate(conversations)]
@@ -127,9 +133,11 @@ def _parse(conversations: Sequence[dict[str, Any]], template: Template) -> tuple
     if turns[0][0] == _SYSTEM:
         system = turns.pop(0)[1]
         system = system.strip() if template.strip_values else system
+    leading = []
     while turns and turns[0][0] == _GPT:
-        turns.pop(0)
-    if not turns:
+        leading.append(turns.pop(0)[1])
+    leading = leading if template.keeps_leading_answers else []
+    if not turns and not leading:
         raise ConversationError("no human turn: nothing to answer")
     for i, (role, _) in enumerate(turns):
         if role != (_HUMAN, _GPT)[i % 2]:
@@ -137,24 +145,32 @@ def _parse(conversations: Sequence[dict[str, Any]], template: Template) -> tuple
     if len(turns) % 2:
         raise ConversationError("the conversation ends with a human turn that has no assistant answer")
     values = [value.strip() if template.strip_values else value for _, value in turns]
-    return system, list(zip(values[0::2], values[1::2], strict=True))
+    leading = [value.strip() if template.strip_values else value for value in leading]
+    return system, leading, list(zip(values[0::2], values[1::2], strict=True))
 
 
-def _build_blocks(template: Template, system: str, pairs: list[tuple[str, str]]) -> list[Pieces]:
+def _build_blocks(
+    template: Template, system: str, pairs: list[tuple[str, str]], leading: Sequence[str] = ()
+) -> list[Pieces]:
     """The prompt as tokenization blocks of (text, trained) pieces: one block holding the joined prompt, or
-    one per message for templates that tokenize each message on its own."""
+    one per message for templates that tokenize each message on its own. ``leading`` answers come right
+    after the system block."""
     user, assistant = template.roles
-    untrained_sep = template.sep[len(template.trained_sep):]
+    untrained_sep = template.sep[len(template.trained_sep) :]
     blocks: list[Pieces] = [[(template.system_template.format(system_message=system) + template.sep, False)]]
     # The official joined-prompt builder (conversation.py, MPT style) writes an empty message as a bare role
     # header without separator, so an empty answer trains nothing; internvl2_5 always writes the separator.
     closed = template.per_message_tokenization
+
+    def answer_block(answer: str) -> Pieces:
+        if answer or closed:
+            return [(assistant, False), (answer + template.trained_sep, True), (untrained_sep, False)]
+        return [(assistant, False)]
+
+    blocks += [answer_block(answer) for answer in leading]
     for question, answer in pairs:
         blocks.append([(user + question + (template.sep if question or closed else ""), False)])
-        if answer or closed:
-            blocks.append([(assistant, False), (answer + template.trained_sep, True), (untrained_sep, False)])
-        else:
-            blocks.append([(assistant, False)])
+        blocks.append(answer_block(answer))
     if not template.per_message_tokenization:
         blocks = [[piece for block in blocks for piece in block]]
     merged_blocks = []
@@ -181,7 +197,7 @@ def _special_prefix(tokenizer: Any) -> list[int]:
     probe = "a"
     plain, full = _encode(tokenizer, probe), list(tokenizer(probe, add_special_tokens=True)["input_ids"])
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
+        if full[start : start + len(plain)] == plain:
             return full[:start]
     raise ConversationError(f"cannot tell which special tokens {type(tokenizer).__name__} adds: {full} vs {plain}")
 
@@ -189,7 +205,7 @@ def _special_prefix(tokenizer: Any) -> list[int]:
 def _exact_start(tokenizer: Any, text: str, ids: list[int], offset: int) -> int | None:
     """How many of the whole prompt's ``ids`` cover exactly ``text[:offset]``, or None if a token straddles it."""
     head = _encode(tokenizer, text[:offset])
-    return len(head) if ids[:len(head)] == head else None
+    return len(head) if ids[: len(head)] == head else None
 
 
 def _boundary(tokenizer: Any, text: str, ids: list[int], offset: int, span: range, left_trained: bool) -> int:
@@ -204,8 +220,9 @@ def _boundary(tokenizer: Any, text: str, ids: list[int], offset: int, span: rang
         start = _exact_start(tokenizer, text, ids, candidate)
     if start is None:
         raise ConversationError(
-            f"no token boundary near {text[max(0, offset - 40):offset]!r} | {text[offset:offset + 40]!r}: the "
-            "tokenizer merges text across the end of a role header or answer, so labels cannot be placed exactly")
+            f"no token boundary near {text[max(0, offset - 40) : offset]!r} | {text[offset : offset + 40]!r}: the "
+            "tokenizer merges text across the end of a role header or answer, so labels cannot be placed exactly"
+        )
     return start
 
 
@@ -245,8 +262,10 @@ def _image_token_ids(tokenizer: Any) -> tuple[int, int, int]:
     """Ids of ``<img>``, ``<IMG_CONTEXT>``, ``</img>``; each must be one token that text never merges into."""
     ids = _encode(tokenizer, _image_text(2))
     if len(ids) != 4 or ids[1] != ids[2]:
-        raise ConversationError(f"{type(tokenizer).__name__} does not keep {_RESERVED} as single tokens "
-                                f"({ids}); load the tokenizer of an InternVL checkpoint")
+        raise ConversationError(
+            f"{type(tokenizer).__name__} does not keep {_RESERVED} as single tokens "
+            f"({ids}); load the tokenizer of an InternVL checkpoint"
+        )
     return ids[0], ids[1], ids[3]
 
 
@@ -263,10 +282,10 @@ def _expand_context(ids: list[int], labels: list[int], context_id: int, counts: 
 
 
 def _tokenize_prompt(
-    tokenizer: Any, template: Template, system: str, pairs: list[tuple[str, str]]
+    tokenizer: Any, template: Template, system: str, pairs: list[tuple[str, str]], leading: Sequence[str] = ()
 ) -> tuple[list[int], list[int]]:
     prefix = _special_prefix(tokenizer)
-    blocks = _build_blocks(template, system, pairs)
+    blocks = _build_blocks(template, system, pairs, leading)
     ids: list[int] = []
     labels: list[int] = []
     if template.per_message_tokenization and prefix:
@@ -279,7 +298,7 @@ def _tokenize_prompt(
         block_ids, block_labels = _tokenize_block(tokenizer, pieces)
         ids += block_ids
         labels += block_labels
-    if ids[:len(prefix)] != prefix:
+    if ids[: len(prefix)] != prefix:
         raise ConversationError(f"{type(tokenizer).__name__} does not read its own BOS text as BOS {prefix}")
     return ids, labels
 
@@ -295,7 +314,8 @@ def tokenize_conversation(
     Args:
         conversations: ``[{"from": "human" | "gpt", "value": str}, ...]``, optionally opened by a
             ``{"from": "system"}`` turn that replaces the template's system message. Leading gpt turns are
-            dropped; the rest must alternate human, gpt and end with gpt. As in the official prompt builder,
+            dropped, except under ``internvl2_5``, which trains them as the official code does; the rest must
+            alternate human, gpt and end with gpt. As in the official prompt builder,
             an empty message becomes a bare role header (no separator, nothing trained), except for
             ``internvl2_5``. Call
             :func:`ensure_image_placeholder` first for single-image data that may lack ``<image>``.
@@ -317,15 +337,18 @@ def tokenize_conversation(
     if isinstance(template, str):
         template = get_template(template)
     counts = _as_count_list(num_image_tokens)
-    system, pairs = _parse(conversations, template)
+    system, leading, pairs = _parse(conversations, template)
     placeholders = sum(question.count(IMAGE_PLACEHOLDER) for question, _ in pairs)
     if placeholders != len(counts):
-        raise ConversationError(f"the conversation holds {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
-                                f"{len(counts)} image token count(s) were given ({counts})")
+        raise ConversationError(
+            f"the conversation holds {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but "
+            f"{len(counts)} image token count(s) were given ({counts})"
+        )
     # Boundaries are computed with each image collapsed to one context token (see the module docstring).
-    pairs = [(expand_image_tokens(question, [1] * question.count(IMAGE_PLACEHOLDER)), answer)
-             for question, answer in pairs]
-    ids, labels = _tokenize_prompt(tokenizer, template, system, pairs)
+    pairs = [
+        (expand_image_tokens(question, [1] * question.count(IMAGE_PLACEHOLDER)), answer) for question, answer in pairs
+    ]
+    ids, labels = _tokenize_prompt(tokenizer, template, system, pairs, leading)
     if counts:
         _, context_id, _ = _image_token_ids(tokenizer)
         ids, labels = _expand_context(ids, labels, context_id, counts)

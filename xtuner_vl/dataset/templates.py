@@ -8,7 +8,8 @@ preprocess function of each template does around that layout:
 - ``Hermes-2`` (``preprocess_mpt``): values kept verbatim; no BOS expected.
 - ``phi3-chat`` (``preprocess_phi3``): values kept verbatim; the tokenizer's BOS is expected.
 - ``internvl2_5`` (``preprocess_internvl2_5``): values kept verbatim; each message block is tokenized on
-  its own and the ``\\n`` closing an assistant block is not trained.
+  its own and the ``\\n`` closing an assistant block is not trained; a conversation that opens with gpt
+  turns keeps and trains them (the other preprocess functions drop a leading gpt turn).
 
 The default system message depends on the release that trained the checkpoint (see ``SYSTEM_MESSAGES``):
 InternVL-Chat-V1-5 / Mini-InternVL-V1-5 (``version="internvl1_5"``) used older messages than InternVL2
@@ -64,6 +65,8 @@ class Template:
             input ids always carry exactly the special tokens the tokenizer itself prepends.
         per_message_tokenization: whether each message block is tokenized on its own and the ids
             concatenated (``internvl2_5``) rather than the joined prompt tokenized once.
+        keeps_leading_answers: whether gpt turns before the first human turn are kept and trained
+            (``internvl2_5``) rather than dropped.
     """
 
     name: str
@@ -75,17 +78,29 @@ class Template:
     strip_values: bool = False
     expects_bos: bool = False
     per_message_tokenization: bool = False
+    keeps_leading_answers: bool = False
 
 
-_CHATML = dict(system_template="<|im_start|>system\n{system_message}", roles=("<|im_start|>user\n",
-                                                                              "<|im_start|>assistant\n"))
+_CHATML = dict(
+    system_template="<|im_start|>system\n{system_message}", roles=("<|im_start|>user\n", "<|im_start|>assistant\n")
+)
 _TEMPLATES: dict[str, dict] = {
-    "internlm2-chat": dict(**_CHATML, sep="<|im_end|>", trained_sep="<|im_end|>", strip_values=True,
-                           expects_bos=True),
+    "internlm2-chat": dict(**_CHATML, sep="<|im_end|>", trained_sep="<|im_end|>", strip_values=True, expects_bos=True),
     "Hermes-2": dict(**_CHATML, sep="<|im_end|>", trained_sep="<|im_end|>"),
-    "phi3-chat": dict(system_template="<|system|>\n{system_message}", roles=("<|user|>\n", "<|assistant|>\n"),
-                      sep="<|end|>", trained_sep="<|end|>", expects_bos=True),
-    "internvl2_5": dict(**_CHATML, sep="<|im_end|>\n", trained_sep="<|im_end|>", per_message_tokenization=True),
+    "phi3-chat": dict(
+        system_template="<|system|>\n{system_message}",
+        roles=("<|user|>\n", "<|assistant|>\n"),
+        sep="<|end|>",
+        trained_sep="<|end|>",
+        expects_bos=True,
+    ),
+    "internvl2_5": dict(
+        **_CHATML,
+        sep="<|im_end|>\n",
+        trained_sep="<|im_end|>",
+        per_message_tokenization=True,
+        keeps_leading_answers=True,
+    ),
 }
 TEMPLATE_NAMES = tuple(_TEMPLATES)
 

@@ -34,9 +34,10 @@ def import_deepspeed(device: torch.device):
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     import deepspeed
 
-    # ZeRO's all-gather calls torch's deprecated `all_gather_into_tensor` once per step, and torch 2.14
-    # warns on every call (a screen of FutureWarnings per training run); only that warning is hidden.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # ZeRO's collectives call torch's deprecated `all_gather_into_tensor` / `reduce_scatter_tensor` every step,
+    # and torch 2.14 warns on every call (a screen of FutureWarnings per training run); only those are hidden.
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
     return deepspeed
 
 

@@ -108,7 +108,7 @@ class LayerSpec:
     rms_norm: bool  # RMSNorm (fp32 statistics) or LayerNorm
     norm_trainable: bool
     vision: bool = False
-    qk_norm: bool = False  # InternViT-6B
+    qk_norm: bool = False  # InternViT-6B (full width), Qwen3 (per head)
     layer_scale_trainable: bool = False  # InternViT ls1 / ls2
 
 
@@ -179,7 +179,11 @@ def _attention_mlp_bytes(spec: LayerSpec, a: ActivationSettings) -> int:
     else:
         v = e * (spec.heads + 2 * spec.kv_heads) * spec.head_dim  # v is a view of the fused qkv output
     mask = e * a.mask_seq_len  # b*s*s elements over b*s tokens
-    return 2 * e * q_width + v + e * q_width + 4 * spec.heads + 3 * e * spec.intermediate + mask
+    qk_norm = 0
+    if spec.qk_norm:  # per-head RMSNorms of q and k: fp32 inputs and one fp32 statistic per head
+        width, rows = (spec.heads + spec.kv_heads) * spec.head_dim, spec.heads + spec.kv_heads
+        qk_norm = 4 * width + 4 * rows + (e * width if spec.norm_trainable else 0)
+    return 2 * e * q_width + v + e * q_width + 4 * spec.heads + 3 * e * spec.intermediate + mask + qk_norm
 
 
 def layer_activation_bytes(spec: LayerSpec, a: ActivationSettings) -> int:

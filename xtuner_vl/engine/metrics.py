@@ -1,4 +1,4 @@
-"""Rank-0 training log: console line + progress bar, JSON lines, TensorBoard, loss-curve PNG."""
+"""Rank-0 training log: console line + progress bar, JSON lines, TensorBoard, loss-curve PNG; evaluation records."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class MetricsLogger:
     ) -> None:
         self.enabled, self.total, self.work_dir = enabled, total_steps, Path(work_dir)
         self.history: list[dict[str, Any]] = []
+        self.eval_history: list[tuple[int, float]] = []  # (step, eval loss) of this run, for the loss curve
         self.t0, self.start_step = time.perf_counter(), start_step
         self.bar = self.writer = None
         if not enabled:
@@ -75,6 +76,35 @@ class MetricsLogger:
                 f"samples/s {metrics['samples_per_s']:.2f}{mfu} mem {metrics['peak_mem_gib']:.2f}GiB eta {eta}"
             )
 
+    def log_eval(self, step: int, results: dict[str, Any]) -> None:
+        """Record what ``Evaluator.run`` (:mod:`xtuner_vl.engine.evaluation`) returned after step ``step``: one
+        ``train_log.jsonl`` line (``step`` and the ``eval_*`` keys), TensorBoard ``eval/loss`` and ``eval/tokens``
+        scalars and an ``eval/chat`` text of the answers, and console lines."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **results}, ensure_ascii=False) + "\n")
+        self.jsonl.flush()
+        lines = []
+        if "eval_loss" in results:
+            loss = results["eval_loss"]
+            self.eval_history.append((step, loss))
+            if self.writer is not None:
+                self.writer.add_scalar("eval/loss", loss, step)
+                self.writer.add_scalar("eval/tokens", results["eval_tokens"], step)
+            skipped = f", {results['eval_skipped']} skipped" if results.get("eval_skipped") else ""
+            lines.append(
+                f"eval step {step}: loss {loss:.4f} ({results['eval_samples']} samples, "
+                f"{results['eval_tokens']} trained tokens{skipped}, {results['eval_seconds']:.1f}s)"
+            )
+        chat = results.get("eval_chat", [])
+        for i, qa in enumerate(chat):
+            image = f" [{qa['image']}]" if qa["image"] else ""
+            lines.append(f"eval step {step} prompt {i}{image}: {qa['prompt']!r} -> {qa['answer']!r}")
+        if self.writer is not None and chat:
+            self.writer.add_text("eval/chat", "\n\n".join(_markdown(qa) for qa in chat), step)
+        for line in lines:
+            self.bar.write(line)
+
     def message(self, text: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
@@ -98,7 +128,11 @@ class MetricsLogger:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([r["step"] for r in self.history], [r["loss"] for r in self.history])
+        ax.plot([r["step"] for r in self.history], [r["loss"] for r in self.history], label="train")
+        if self.eval_history:
+            steps, losses = zip(*self.eval_history, strict=True)
+            ax.plot(steps, losses, "o-", label="eval")
+            ax.legend()
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (mean over trained tokens)")
         ax.grid(alpha=0.3)
@@ -106,3 +140,9 @@ class MetricsLogger:
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return path
+
+
+def _markdown(qa: dict[str, Any]) -> str:
+    """One prompt and its answer for TensorBoard's text panel (markdown; the answer verbatim in a code block)."""
+    image = f" ({qa['image']})" if qa["image"] else ""
+    return f"**{qa['prompt']}**{image}\n\n```\n{qa['answer']}\n```"

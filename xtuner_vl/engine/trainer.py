@@ -1,9 +1,9 @@
 """The training loop, in one fixed visible order per optimizer step:
 
 lr -> micro-steps (forward, token-sum loss / global trained tokens, backward, backend step) ->
-log -> skip check -> checkpoint. The loss is normalised by the number of trained tokens across the
-whole accumulation window and all ranks, so every trained token weighs the same whatever the padding,
-the micro-batch split or the world size.
+log -> skip check -> evaluation (every ``evaluation.interval`` steps and at the last one) -> checkpoint.
+The loss is normalised by the number of trained tokens across the whole accumulation window and all ranks,
+so every trained token weighs the same whatever the padding, the micro-batch split or the world size.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from xtuner_vl.engine.checkpoint_dir import (
     verify_checkpoint,
 )
 from xtuner_vl.engine.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, merge
+from xtuner_vl.engine.evaluation import Evaluator, forward_inputs
 from xtuner_vl.engine.flops import TrainingFlops
 from xtuner_vl.engine.io_errors import io_errors_named
 from xtuner_vl.engine.metrics import MetricsLogger, peak_memory_gib
@@ -86,6 +87,7 @@ class Trainer:
         flops: TrainingFlops | None = None,
         peak_flops: float | None = None,
         describe_sample: Callable[[int], str] | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         self.backend, self.make_loader, self.sampler = backend, make_loader, sampler
         self.s, self.dist = settings, dist_info
@@ -98,6 +100,7 @@ class Trainer:
         self.flops, self.peak_flops = flops, peak_flops
         self.describe_sample = describe_sample or str  # dataset index -> "file:line" for messages
         self.signals = StopSignals()
+        self.evaluator = evaluator  # eval loss / fixed prompts at its interval and the last step; None: none
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Path:
@@ -225,21 +228,7 @@ class Trainer:
                 model_flops += self.flops.of_batch(batch)  # from the CPU tensors: no device sync
             tokens += batch.num_tokens if weight else 0
             batch = batch.to(device, non_blocking=True)
-            out = self.backend.forward(
-                pixel_values=batch.pixel_values,
-                input_ids=batch.input_ids,
-                # packed rows: no padding mask; samples are kept apart by cu_seqlens (variable-length
-                # back-ends) or by the restarting position ids (a block mask, CPU)
-                attention_mask=None if batch.packed else batch.attention_mask,
-                position_ids=batch.position_ids,
-                image_flags=batch.image_flags,
-                cu_seqlens=batch.cu_seqlens,
-                max_seqlen=batch.max_seqlen,
-                image_token_index=batch.image_token_index,
-                loss_index=batch.loss_index,
-                loss_targets=batch.loss_targets,
-                use_cache=False,
-            )
+            out = self.backend.forward(**forward_inputs(batch))
             loss_sum = out.loss_sum * weight
             # Backends average gradients over ranks; multiplying by world size makes it a global sum.
             self.backend.backward((loss_sum * self.dist.world_size / n_global).float())
@@ -344,6 +333,9 @@ class Trainer:
                 # Every step goes to train_log.jsonl / TensorBoard; the console gets every log_interval-th.
                 self._log(stats, time.perf_counter() - t0, p.step % s.log_interval == 0 or p.step == s.total_steps)
                 self._guard_nonfinite(stats, micro)
+                # Before the checkpoint of the same step; a stop signal saves at once instead.
+                if self.evaluator is not None and not stop and self.evaluator.should_run(p.step):
+                    self.logger.log_eval(p.step, self.evaluator.run(p.step))
                 if stop or p.step % s.save_steps == 0 or p.step == s.total_steps:
                     path = self.save()
                     self.logger.message(f"checkpoint: {path}")

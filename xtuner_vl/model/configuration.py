@@ -14,7 +14,13 @@ from typing import Any
 
 __all__ = ["InternVLConfig", "VisionConfig", "SUPPORTED_LLM_ARCHS", "read_config"]
 
-SUPPORTED_LLM_ARCHS = ("InternLM2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_LLM_ARCHS = (
+    "InternLM2ForCausalLM",
+    "Phi3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+)
 
 
 @dataclass

@@ -21,10 +21,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, eager_attention_forward
 
-__all__ = ["InternLM2ForCausalLM", "InternLM2Model", "InternLM2RotaryEmbedding", "internlm2_llama_config"]
+__all__ = [
+    "LLAMA_SHARED_FIELDS",
+    "InternLM2ForCausalLM",
+    "InternLM2Model",
+    "InternLM2RotaryEmbedding",
+    "internlm2_llama_config",
+]
 
 # Fields of an official InternLM2 config that map one-to-one onto LlamaConfig.
-_SHARED_FIELDS = (
+LLAMA_SHARED_FIELDS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -48,7 +54,7 @@ def internlm2_llama_config(llm_config: dict[str, Any]) -> LlamaConfig:
     The rope settings stay in ``internlm2_rope_scaling`` / ``rope_theta`` and are applied by
     :class:`InternLM2RotaryEmbedding` with the official semantics.
     """
-    kwargs = {k: llm_config[k] for k in _SHARED_FIELDS if llm_config.get(k) is not None}
+    kwargs = {k: llm_config[k] for k in LLAMA_SHARED_FIELDS if llm_config.get(k) is not None}
     cfg = LlamaConfig(
         **kwargs,
         attention_bias=bool(llm_config.get("bias", True)),

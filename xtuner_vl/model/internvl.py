@@ -15,7 +15,7 @@ from xtuner_vl.model.intern_vit import InternVisionModel
 from xtuner_vl.model.llm import build_llm
 from xtuner_vl.structures import IGNORE_INDEX
 
-__all__ = ["InternVLChatModel", "InternVLOutput", "pixel_shuffle", "IGNORE_INDEX"]
+__all__ = ["InternVLChatModel", "InternVLOutput", "official_state_dict", "pixel_shuffle", "tied_keys", "IGNORE_INDEX"]
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v2") -> torch.Tensor:
@@ -31,6 +31,28 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v2
     if version == "v2":
         x = x.permute(0, 2, 1, 3).contiguous()
     return x
+
+
+def tied_keys(module: nn.Module) -> dict[str, str]:
+    """State-dict keys naming a Parameter that an earlier key already names -> that key.
+
+    For a tied LLM (``tie_word_embeddings``) that is ``{"...lm_head.weight": "...embed_tokens.weight"}``: the
+    embedding is registered first, and official checkpoints store only it. Empty for untied models.
+    """
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def official_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` without the tied aliases of :func:`tied_keys`: the keys a checkpoint stores."""
+    aliases = tied_keys(module)
+    return {k: v for k, v in module.state_dict().items() if k not in aliases}
 
 
 @dataclass
@@ -77,6 +99,11 @@ class InternVLChatModel(nn.Module):
             build_llm(config.llm_config, attn_implementation),
             img_context_token_id,
         )
+
+    def tie_weights(self) -> None:
+        """Tie the LLM's output head to its input embedding where its config says so (transformers' own
+        ``tie_weights``); a load that assigns the embedding a new Parameter calls it again."""
+        self.language_model.tie_weights()
 
     @property
     def num_image_token(self) -> int:

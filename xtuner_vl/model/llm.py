@@ -1,8 +1,15 @@
 """Build the language model of an InternVL checkpoint from its ``llm_config`` dict.
 
-Phi-3, Qwen2 and Llama run on transformers' own classes; InternLM2 on :mod:`xtuner_vl.model.internlm2`.
-Only the in-memory config is translated (e.g. Phi-3's ``su`` rope to transformers' ``longrope``);
-the on-disk dict is never rewritten.
+Phi-3, Qwen2 (Qwen2 and Qwen2.5), Qwen3 and Llama run on transformers' own classes; InternLM2 on
+:mod:`xtuner_vl.model.internlm2`. Only the in-memory config is translated (e.g. Phi-3's ``su`` rope to
+transformers' ``longrope``); the on-disk dict is never rewritten.
+
+``tie_word_embeddings`` is read from ``llm_config`` for the transformers-native families, as the InternVL 3.5
+code does (OpenGVLab/InternVL ``internvl_chat_gpt_oss/internvl/model/internvl_chat/configuration_internvl_chat.py``
+builds ``Qwen3Config(**llm_config)``): a tied checkpoint stores no output head, and transformers' own tying
+makes the head's weight the embedding's Parameter. The InternVL 1.5 / 2 / 2.5 / 3 code forces it off
+(``internvl_chat/internvl/model/internvl_chat/configuration_internvl_chat.py``), and their config.json files
+say so.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from xtuner_vl.model.internlm2 import InternLM2ForCausalLM, internlm2_llama_config
 from xtuner_vl.model.loss import OutputHead
 
-__all__ = ["build_llm", "build_llm_config", "LORA_TARGETS"]
+__all__ = ["build_llm", "build_llm_config", "is_tied", "LORA_TARGETS"]
 
 # Keys that describe how a config was produced or loaded, never the architecture.
 _BOOKKEEPING = {
@@ -42,7 +51,10 @@ _BOOKKEEPING = {
     "use_flash_attn",
 }
 
-# Official LoRA target modules per LLM architecture (InternVLChatModel.wrap_llm_lora).
+# Official LoRA target modules per LLM architecture (InternVLChatModel.wrap_llm_lora,
+# internvl_chat/internvl/model/internvl_chat/modeling_internvl_chat.py). The InternVL 3.5 code has no
+# wrap_llm_lora (its shell/internvl3_5_qwen3 scripts train everything); Qwen3 layers have Qwen2's module
+# names, so Qwen3 takes Qwen2's list.
 LORA_TARGETS = {
     "InternLM2ForCausalLM": ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
     "Phi3ForCausalLM": ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"],
@@ -57,6 +69,14 @@ LORA_TARGETS = {
     ],
 }
 LORA_TARGETS["LlamaForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
+LORA_TARGETS["Qwen3ForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
+
+# transformers-native families: architecture name -> (config class, model class).
+_NATIVE = {
+    "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
+    "Qwen3ForCausalLM": (Qwen3Config, Qwen3ForCausalLM),
+    "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
+}
 
 
 def _phi3_config(d: dict[str, Any]) -> Phi3Config:
@@ -75,6 +95,14 @@ def _phi3_config(d: dict[str, Any]) -> Phi3Config:
     return Phi3Config(**d, rope_parameters=rope, tie_word_embeddings=False)
 
 
+def is_tied(llm_config: dict[str, Any]) -> bool:
+    """Whether ``llm_config`` ties the output head to the input embedding (then no head is stored).
+
+    Only the transformers-native families honour it; InternLM2 and Phi-3 releases are never tied.
+    """
+    return llm_config["architectures"][0] in _NATIVE and bool(llm_config.get("tie_word_embeddings", False))
+
+
 def build_llm_config(llm_config: dict[str, Any], attn_implementation: str = "sdpa") -> PretrainedConfig:
     """The transformers config object for ``llm_config`` (an official ``llm_config`` dict)."""
     arch = llm_config["architectures"][0]
@@ -84,10 +112,8 @@ def build_llm_config(llm_config: dict[str, Any], attn_implementation: str = "sdp
         d = {k: v for k, v in copy.deepcopy(llm_config).items() if k not in _BOOKKEEPING}
         if arch == "Phi3ForCausalLM":
             cfg = _phi3_config(d)
-        elif arch == "Qwen2ForCausalLM":
-            cfg = Qwen2Config(**d, tie_word_embeddings=False)
-        elif arch == "LlamaForCausalLM":
-            cfg = LlamaConfig(**d, tie_word_embeddings=False)
+        elif arch in _NATIVE:
+            cfg = _NATIVE[arch][0](**d, tie_word_embeddings=is_tied(llm_config))
         else:
             raise ValueError(f"unsupported LLM architecture {arch!r}")
         cfg.architectures = [arch]
@@ -98,13 +124,10 @@ def build_llm_config(llm_config: dict[str, Any], attn_implementation: str = "sdp
 def build_llm(llm_config: dict[str, Any], attn_implementation: str = "sdpa") -> PreTrainedModel:
     """An untrained LLM of the architecture ``llm_config`` names (weights are loaded afterwards)."""
     cfg = build_llm_config(llm_config, attn_implementation)
-    cls = {
-        "InternLM2ForCausalLM": InternLM2ForCausalLM,
-        "Phi3ForCausalLM": Phi3ForCausalLM,
-        "Qwen2ForCausalLM": Qwen2ForCausalLM,
-        "LlamaForCausalLM": LlamaForCausalLM,
-    }[cfg.architectures[0]]
-    model = cls(cfg)
-    # The training loss runs inside the head's forward (see xtuner_vl.model.loss); same weights and keys.
+    arch = cfg.architectures[0]
+    cls = {"InternLM2ForCausalLM": InternLM2ForCausalLM, "Phi3ForCausalLM": Phi3ForCausalLM}.get(arch)
+    model = (cls or _NATIVE[arch][1])(cfg)
+    # The training loss runs inside the head's forward (see xtuner_vl.model.loss); same weights and keys. The
+    # class changes in place, so a tied head keeps the embedding's Parameter.
     OutputHead.adopt(model.get_output_embeddings())
     return model

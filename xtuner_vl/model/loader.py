@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 
 from xtuner_vl.model.attention import default_attn_implementation
 from xtuner_vl.model.configuration import InternVLConfig, read_config
-from xtuner_vl.model.internvl import InternVLChatModel
+from xtuner_vl.model.internvl import InternVLChatModel, official_state_dict
 from xtuner_vl.model.tokenizer import img_context_token_id as tokenizer_img_context_id
 from xtuner_vl.model.tokenizer import load_tokenizer
 from xtuner_vl.model.weights import read_state_dict, read_tensors, tensor_shapes, weight_files
@@ -126,9 +126,11 @@ def load_internvl(
     state = read_state_dict(path, dtype)
     for key in [k for k in state if k.endswith(_RECOMPUTED_SUFFIXES)]:
         del state[key]
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in official_state_dict(model).items()}
     _check_weights(path, config, expected, {k: v.shape for k, v in state.items()})
-    model.load_state_dict(state, strict=True, assign=True)
+    # Not strict: a tied head is not in the file (checked above); it becomes the loaded embedding again.
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
     materialize_buffers(model)
     _set_generation_config(model, path)
     return model.to(device).eval()
@@ -159,7 +161,9 @@ class CheckpointStream:
 
     def finish(self, device: str | torch.device) -> InternVLChatModel:
         """Recompute the buffers no checkpoint holds (rotary tables) and place every buffer on ``device``;
-        the generation config of the directory; eval mode. Parameters are left where they were put."""
+        the generation config of the directory; eval mode. Parameters are left where they were put; a tied
+        output head (never in the files) becomes the loaded embedding's Parameter."""
+        self.model.tie_weights()
         materialize_buffers(self.model)
         for module in self.model.modules():
             for name, buf in list(module._buffers.items()):
@@ -188,7 +192,7 @@ def open_checkpoint(
             raise ValueError(f"{file}: key {twice[0]!r} appears in two weight files")
         found.update(shapes)
         order += [(file, key) for key in shapes]
-    _check_weights(path, config, {k: v.shape for k, v in model.state_dict().items()}, found)
+    _check_weights(path, config, {k: v.shape for k, v in official_state_dict(model).items()}, found)
     order.sort(key=lambda item: -math.prod(found[item[1]]))  # stable: file order among equal sizes
     return CheckpointStream(path, model, order)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from xtuner_vl.model.internvl import InternVLChatModel
+from xtuner_vl.model.internvl import InternVLChatModel, official_state_dict
 from xtuner_vl.model.weights import atomic_write_text, write_safetensors
 
 __all__ = ["save_official", "official_config_dict", "copy_support_files"]
@@ -48,7 +48,8 @@ def save_official(
 ) -> Path:
     """Save ``model`` as an official InternVL directory.
 
-    Writes the official key names and shapes as sharded safetensors plus index, and config.json as
+    Writes the official key names and shapes as sharded safetensors plus index (a tied output head is not
+    written, as in the tied releases), and config.json as
     the source release's (``use_*_lora`` 0, ``torch_dtype`` = ``dtype``, no attention setting
     forced). With ``source_dir`` its remote-code, tokenizer and generation files are copied too.
 
@@ -59,7 +60,8 @@ def save_official(
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    # A tied output head is the embedding's Parameter: stored once, under the embedding's key (official layout).
+    state = {k: v.detach().to("cpu", dtype) for k, v in official_state_dict(model).items()}
     adapters = [k for k in state if "lora_" in k or ".base_layer." in k]
     if adapters:
         raise ValueError(f"model holds unmerged LoRA weights (e.g. {adapters[0]}); merge them before save_official")

@@ -1,12 +1,13 @@
 """Load the tokenizer of an official InternVL directory on transformers 5, without its remote code.
 
-The official fine-tuning code tokenizes with transformers 4.37.2's slow tokenizers (``use_fast=False``);
-the ids must be exactly theirs. InternLM2 directories name the remote ``InternLM2Tokenizer`` (``auto_map`` to
-the checkpoint's own .py files): we return our re-implementation with the same ids. Phi-3 and Yi directories
-name ``LlamaTokenizer``, whose transformers 5 version gives other ids than the 4.37 slow class: we return our
-:class:`LlamaSentencePieceTokenizer` (same ids and decode as 4.37 slow) when the directory has its
-``tokenizer.model``. Qwen2 (``Qwen2Tokenizer``) is built into transformers 5 with the 4.37 slow ids, loaded
-by ``AutoTokenizer`` with ``trust_remote_code=False``. No file of the directory is ever imported.
+The official fine-tuning code tokenizes with transformers 4.37.2's slow tokenizers (``use_fast=False``); the
+ids must be exactly theirs. InternLM2 directories name the remote ``InternLM2Tokenizer`` (``auto_map`` to the
+checkpoint's own .py files); Phi-3 and Yi directories name ``LlamaTokenizer``, whose transformers 5 version
+gives other ids than the 4.37 slow class. For all of them we build a fast tokenizer with the slow ids from
+``tokenizer.model`` (:mod:`xtuner_vl.model.sentencepiece_fast`). Qwen2 (``Qwen2Tokenizer``) is built into
+transformers 5 with the 4.37 slow ids, loaded by ``AutoTokenizer`` with ``trust_remote_code=False``; so is the
+``tokenizer.json`` that ``xtuner-vl convert`` writes into official-format outputs (``PreTrainedTokenizerFast``).
+No file of the directory is ever imported.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from pathlib import Path
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from xtuner_vl.model.internlm2_tokenizer import InternLM2Tokenizer
-from xtuner_vl.model.llama_sp_tokenizer import LlamaSentencePieceTokenizer
+from xtuner_vl.model.sentencepiece_fast import load_sentencepiece_tokenizer
 
 __all__ = ["IMG_CONTEXT_TOKEN", "img_context_token_id", "load_tokenizer"]
 
@@ -59,10 +59,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         path: directory holding ``tokenizer_config.json`` and the family's vocabulary files.
 
     Returns:
-        Our :class:`InternLM2Tokenizer` for InternLM2 directories, our :class:`LlamaSentencePieceTokenizer`
-        for ``LlamaTokenizer`` / ``LlamaTokenizerFast`` directories with a ``tokenizer.model``, else the
-        transformers built-in class named by ``tokenizer_class`` (via ``AutoTokenizer``,
-        ``trust_remote_code=False``).
+        For InternLM2 directories and ``LlamaTokenizer`` / ``LlamaTokenizerFast`` directories with a
+        ``tokenizer.model``: a ``PreTrainedTokenizerFast`` with the 4.37 slow ids (see
+        :func:`xtuner_vl.model.sentencepiece_fast.load_sentencepiece_tokenizer`); else the transformers built-in
+        class named by ``tokenizer_class`` (via ``AutoTokenizer``, ``trust_remote_code=False``).
 
     Raises:
         FileNotFoundError: the directory, its ``tokenizer_config.json`` or (InternLM2) ``tokenizer.model`` is
@@ -76,7 +76,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         model_file = directory / "tokenizer.model"
         if not model_file.is_file():
             raise FileNotFoundError(f"{model_file} is missing: InternLM2 needs the sentencepiece model")
-        return InternLM2Tokenizer.from_pretrained(str(directory))
+        return load_sentencepiece_tokenizer(directory)
     name = config.get("tokenizer_class")
     if (config.get("auto_map") or {}).get("AutoTokenizer") and not (name and hasattr(transformers, name)):
         raise ValueError(
@@ -93,7 +93,11 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
                 " whose ids can differ",
                 directory / "tokenizer_config.json",
             )
-        return LlamaSentencePieceTokenizer.from_pretrained(str(directory))
+        return load_sentencepiece_tokenizer(directory)
+    if name and isinstance(cls := getattr(transformers, name, None), type):
+        # The named class itself: AutoTokenizer would also read config.json, whose model_type (internvl_chat)
+        # transformers does not know, and warn about it on every load.
+        return cls.from_pretrained(str(directory))
     return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
 
 

@@ -24,6 +24,7 @@ ids, the answer) for checking a template.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ _QUIT = ("exit", "quit")
 _RESET = "/reset"
 
 
+def image_placeholders(num_images: int) -> str:
+    """The first question's placeholders for ``num_images`` images: ``<image>\n`` for one, ``Image-k: <image>\n``
+    lines for several (the official ``chat``)."""
+    if num_images == 1:
+        return "<image>\n"
+    return "".join(f"Image-{k + 1}: <image>\n" for k in range(num_images))
+
+
 def visual_inputs(
     model: InternVLChatModel, images: Sequence[str], video: str | None, num_frames: int = 8
 ) -> tuple[torch.Tensor | None, str, list[int]]:
@@ -62,11 +71,11 @@ def visual_inputs(
     tiles, prefix, counts = [], "", []
     if images:
         budget = image_tile_budget(cfg.max_dynamic_patch, len(images))
-        for i, path in enumerate(images):
+        for path in images:
             t = load_image_tiles(path, cfg.min_dynamic_patch, budget, cfg.image_size, cfg.use_thumbnail)
             tiles.append(t)
             counts.append(t.shape[0] * model.num_image_token)
-            prefix += "<image>\n" if len(images) == 1 else f"Image-{i + 1}: <image>\n"
+        prefix += image_placeholders(len(images))
     if video is not None:
         frames = load_video_frames(video, num_frames=num_frames, sample="middle")
         tiles.append(frames_to_tiles(frames, cfg.image_size))
@@ -98,11 +107,16 @@ def official_prompt(
     return text
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 class _TokenStreamer(BaseStreamer):
     """Writes the answer to ``out`` as each token is generated (``TextStreamer`` waits for word ends).
 
     The tokens so far are decoded as a whole, so pieces that depend on their neighbours (sentencepiece's
-    leading space, byte-fallback characters) come out right; a character still missing bytes is held back.
+    leading space, byte-fallback characters) come out right. Trailing byte pieces (``<0xNN>``) are held back
+    until a non-byte token follows: a run of them decodes as one group, invalid bytes each as U+FFFD, so only a
+    closed run is final. A trailing U+FFFD (a byte-level BPE character still missing bytes) is held back too.
     """
 
     def __init__(self, tokenizer: Any, out: TextIO) -> None:
@@ -111,32 +125,41 @@ class _TokenStreamer(BaseStreamer):
         self.shown = 0
         self.prompt_seen = False
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _closed(self) -> list[int]:
+        """The tokens up to the last one that is not a byte piece."""
+        pieces = self.tokenizer.convert_ids_to_tokens(self.tokens)
+        end = len(pieces)
+        while end and _BYTE_PIECE.fullmatch(str(pieces[end - 1])):
+            end -= 1
+        return self.tokens[:end]
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first passes the prompt ids (none here: it runs on embeddings)
             self.prompt_seen = True
             return
         self.tokens.extend(value.reshape(-1).tolist())
-        text = self._text()
+        text = self._text(self._closed())
         end = len(text.rstrip("\ufffd"))
         if end > self.shown:
-            self.out.write(text[self.shown:end])
+            self.out.write(text[self.shown : end])
             self.out.flush()
             self.shown = end
 
     def end(self) -> None:
-        self.out.write(self._text()[self.shown:] + "\n")
+        self.out.write(self._text(self.tokens)[self.shown :] + "\n")
         self.out.flush()
 
 
-def _stop_token_id(tokenizer: Any, template: Template) -> int:
-    """The id that ends an answer: the template's separator token, as the official ``chat`` sets it."""
-    sep_id = tokenizer.convert_tokens_to_ids(template.sep.strip())
-    if isinstance(sep_id, int) and sep_id != tokenizer.unk_token_id:
-        return sep_id
-    return tokenizer.eos_token_id
+def stop_token_ids(tokenizer: Any, template: Template) -> list[int]:
+    """The ids that end an answer: the template's separator token (where the official ``chat`` stops), then the
+    tokenizer's EOS, so a model that ends with either never runs on."""
+    sep = tokenizer.convert_tokens_to_ids(template.sep.strip())
+    ids = [sep] if isinstance(sep, int) and sep != tokenizer.unk_token_id else []
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if eos is not None and eos not in ids else [])
 
 
 @dataclass
@@ -184,7 +207,7 @@ class ChatSession:
         prompt = self.prompt(question)
         enc = self.tokenizer(prompt, return_tensors="pt")
         device = next(self.model.parameters()).device
-        stop = _stop_token_id(self.tokenizer, self.template)
+        stop = stop_token_ids(self.tokenizer, self.template)
         streamer = _TokenStreamer(self.tokenizer, out or sys.stdout) if stream else None
         pixels = None if self.pixel_values is None else self.pixel_values.to(device, self.model.mlp1[1].weight.dtype)
         pad = self.tokenizer.pad_token_id
@@ -195,7 +218,7 @@ class ChatSession:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop,
-            pad_token_id=stop if pad is None else pad,
+            pad_token_id=stop[0] if pad is None else pad,
             streamer=streamer,
         )
         answer = self.tokenizer.decode(out_ids[0], skip_special_tokens=True).split(self.template.sep.strip())[0].strip()

@@ -23,7 +23,7 @@ from xtuner_vl.dataset.image import ImageError
 from xtuner_vl.dataset.internvl_dataset import InternVLDataset, SampleError
 from xtuner_vl.model import load_tokenizer
 from xtuner_vl.recipes.config import load_config
-from xtuner_vl.recipes.settings import ModelSettings, parse_section
+from xtuner_vl.recipes.model_wrapper import build_model_wrapper
 from xtuner_vl.registry import DATASETS
 
 __all__ = ["check_data", "DataReport"]
@@ -80,7 +80,7 @@ def _histogram(values: list[int], bins: list[int]) -> str:
 def check_data(config: str, cfg_options: dict | None = None, workers: int | None = None) -> DataReport:
     global _DATASET
     cfg = load_config(config, cfg_options)
-    model_s = parse_section(ModelSettings, cfg.get("model"), "model")
+    model_s = build_model_wrapper(cfg.get("model"))
     tokenizer = load_tokenizer(model_s.path)
     _DATASET = DATASETS.build({"model_path": model_s.path, **cfg.train_dataset, "tokenizer": tokenizer})
     ds = _DATASET

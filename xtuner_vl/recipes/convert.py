@@ -31,9 +31,9 @@ from xtuner_vl.checkpoint.hf_export import check_hf_exportable, official_to_hf
 from xtuner_vl.checkpoint.hf_import import hf_to_official
 from xtuner_vl.checkpoint.trained import nonfinite_tensors
 from xtuner_vl.model import build_empty_model, read_config
-from xtuner_vl.recipes.build_model import apply_method
+from xtuner_vl.model.internvl import tied_keys
 from xtuner_vl.recipes.config import find_config, load_config
-from xtuner_vl.recipes.settings import ModelSettings, parse_section
+from xtuner_vl.recipes.model_wrapper import InternVLChat, build_model_wrapper
 
 __all__ = ["FORMATS", "convert", "convert_from_hf", "expected_trainable_model", "run_changes"]
 
@@ -41,24 +41,20 @@ FORMATS = ("official", "adapter", "hf")
 _DATASET_FIELDS = ("template", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")
 
 
-def _method(s: ModelSettings) -> str:
-    return "qlora" if s.quantize_llm else "lora" if (s.llm_lora_rank or s.vit_lora_rank) else "full"
-
-
-def expected_trainable_model(s: ModelSettings) -> nn.Module:
+def expected_trainable_model(s: InternVLChat) -> nn.Module:
     """The training model of ``s`` on the meta device (freezing and LoRA applied, no weights).
 
     QLoRA's nf4 layers are not built: peft gives their adapters the same names as on plain linears.
     """
     model = build_empty_model(read_config(s.path), img_context_token_id=0)
-    return apply_method(model, s, torch.float32, quantize=False)  # the trainer's own method code
+    return s.apply_method(model, torch.float32, quantize=False)  # the trainer's own method code
 
 
-def _check_meta(ckpt: TrainedCheckpoint, s: ModelSettings, config: str, trust_base: bool) -> None:
+def _check_meta(ckpt: TrainedCheckpoint, s: InternVLChat, config: str, trust_base: bool) -> None:
     meta = ckpt.meta
-    if meta.get("method") and meta["method"] != _method(s):
+    if meta.get("method") and meta["method"] != s.method:
         raise CheckpointError(
-            f"checkpoint {ckpt.path} is a {meta['method']} run (meta.json) but config {config} trains {_method(s)}"
+            f"checkpoint {ckpt.path} is a {meta['method']} run (meta.json) but config {config} trains {s.method}"
         )
     trained_base = meta.get("model_path")
     if trained_base and not trust_base and Path(trained_base).resolve() != Path(s.path).resolve():
@@ -82,7 +78,7 @@ def _check_trainable(ckpt: TrainedCheckpoint, model: nn.Module, config: str, bas
         )
 
 
-def run_changes(cfg: Any, s: ModelSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_changes(cfg: Any, s: InternVLChat) -> tuple[dict[str, Any], dict[str, Any]]:
     """Top-level and ``vision_config`` fields of config.json that the run's config changed."""
     dataset = dict(cfg.get("train_dataset") or {})
     # A Template object (not a name) cannot go into config.json; the base's template stays then.
@@ -138,10 +134,13 @@ def convert(
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg = load_config(config, cfg_options)
-    s = parse_section(ModelSettings, cfg.get("model"), "model")
+    s = build_model_wrapper(cfg.get("model"))
     trained = read_trained_checkpoint(ckpt)
     _check_meta(trained, s, str(find_config(config)), trust_base)
     model = expected_trainable_model(s)
+    # A tied output head is the embedding's Parameter; DeepSpeed's consolidation names it under both keys.
+    aliases = tied_keys(model)
+    trained.state = {k: v for k, v in trained.state.items() if k not in aliases}
     _check_trainable(trained, model, str(find_config(config)), s.path)
     if not allow_nonfinite and (bad := nonfinite_tensors(trained)):
         total = sum(n for _, n in bad)
@@ -149,12 +148,7 @@ def convert(
             f"{trained.path}: {total} non-finite values in {len(bad)} trained tensors (e.g. {bad[0][0]}): the run "
             "diverged; convert an earlier checkpoint (a step-XXXXXXXX directory), or pass --allow-nonfinite"
         )
-    alphas = {
-        part: float(s.lora_alpha or 2 * rank)
-        for part, rank in (("language_model", s.llm_lora_rank), ("vision_model", s.vit_lora_rank))
-        if rank
-    }
-    delta = split_delta(trained.state, alphas)
+    delta = split_delta(trained.state, s.lora_alphas())
     check_against_base(delta, base_shapes(s.path), str(trained.path), s.path)
     base_raw = json.loads((Path(s.path) / "config.json").read_text(encoding="utf-8"))
     if fmt == "hf":

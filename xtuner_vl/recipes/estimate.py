@@ -1,6 +1,6 @@
 """``xtuner-vl estimate``: parameter counts and per-GPU memory of a config, from the config alone.
 
-The model is built on the meta device with the trainer's own code (:func:`apply_method`: freezing,
+The model is built on the meta device with the trainer's own code (:meth:`InternVLChat.apply_method`: freezing,
 LoRA, QLoRA's choice of layers, checkpointing), so nothing is read or downloaded. When ``model.path``
 has no config.json, the shipped architecture of the release named like the path is used (see
 ``xtuner_vl/model/release_configs``). The formulas are in :mod:`xtuner_vl.engine.memory_estimate`;
@@ -21,11 +21,10 @@ from xtuner_vl.engine import memory_estimate as me
 from xtuner_vl.engine.deepspeed_config import load_deepspeed_config
 from xtuner_vl.model import InternVLChatModel, build_empty_model
 from xtuner_vl.model.releases import resolve_model_config
-from xtuner_vl.recipes.build_model import apply_method, resolve_dtype
 from xtuner_vl.recipes.config import find_config, load_config
+from xtuner_vl.recipes.model_wrapper import InternVLChat, build_model_wrapper, resolve_dtype
 from xtuner_vl.recipes.settings import (
     DataLoaderSettings,
-    ModelSettings,
     RuntimeSettings,
     ScheduleSettings,
     parse_section,
@@ -96,15 +95,15 @@ class Estimate:
         return state.gpu + sum(self.activations[key].values())
 
 
-def build_meta_model(s: ModelSettings) -> tuple[InternVLChatModel, str | None, set[int]]:
+def build_meta_model(s: InternVLChat) -> tuple[InternVLChatModel, str | None, set[int]]:
     """The model on the meta device with the method of ``s`` applied, the fallback release (or None),
     and the ids of the weights QLoRA would hold in nf4 (counted analytically: bitsandbytes cannot
     quantize meta tensors)."""
     config, release = resolve_model_config(s.path)
     model = build_empty_model(config, attn_implementation="sdpa")
-    nf4 = {id(lin.weight) for _, _, lin in nf4_targets(model.language_model)} if s.quantize_llm else set()
+    nf4 = {id(lin.weight) for _, _, lin in nf4_targets(model.language_model)} if s.quantization else set()
     with torch.device("meta"):  # LoRA layers are created on meta too (no allocation, no init)
-        model = apply_method(model, s, torch.bfloat16, quantize=False)
+        model = s.apply_method(model, torch.bfloat16, quantize=False)
     return model, release, nf4
 
 
@@ -134,9 +133,17 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def layer_spec(
-    layer: nn.Module, hidden: int, intermediate: int, heads: int, kv_heads: int, vision: bool
+    layer: nn.Module,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vision: bool,
+    head_dim: int | None = None,
 ) -> me.LayerSpec:
-    """The :class:`LayerSpec` of one built block: its linears (with LoRA ranks and trainability), norms."""
+    """The :class:`LayerSpec` of one built block: its linears (with LoRA ranks and trainability), norms.
+
+    ``head_dim`` defaults to ``hidden // heads``; Qwen3 sets its own (its config's ``head_dim``)."""
     linears, norm_trainable, rms = [], False, False
     for name, mod in layer.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -156,12 +163,13 @@ def layer_spec(
         intermediate=intermediate,
         heads=heads,
         kv_heads=kv_heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim or hidden // heads,
         linears=tuple(linears),
         rms_norm=rms,
         norm_trainable=norm_trainable,
         vision=vision,
-        qk_norm=vision and hasattr(getattr(layer, "attn", None), "q_norm"),
+        # InternViT-6B normalizes q and k over the full width; Qwen3 per head (self_attn.q_norm / k_norm).
+        qk_norm=hasattr(getattr(layer, "attn" if vision else "self_attn", None), "q_norm"),
         layer_scale_trainable=any(p.requires_grad for p in ls),
     )
 
@@ -198,7 +206,8 @@ def _activations(
     if mlp_stores or _trains(lm):
         tokens, layers = w.micro_batch * w.max_length, lm.model.layers
         heads, kv = lc.num_attention_heads, lc.num_key_value_heads or lc.num_attention_heads
-        spec = layer_spec(layers[0], lc.hidden_size, lc.intermediate_size, heads, kv, vision=False)
+        head_dim = getattr(lc, "head_dim", None)
+        spec = layer_spec(layers[0], lc.hidden_size, lc.intermediate_size, heads, kv, False, head_dim)
         per_layer = details["llm_layer_bytes"] = me.layer_activation_bytes(spec, a)
         details["llm_layers"] = len(layers)
         stack = me.stack_activation_bytes(per_layer, len(layers), tokens, lc.hidden_size, ckpt, a)
@@ -239,7 +248,7 @@ def _param_bytes(model: nn.Module, total: ModuleCount, elem: int, nf4: set[int])
     )
 
 
-def _workload(cfg, s: ModelSettings, model: InternVLChatModel, mbs: int, trained: int | None) -> Workload:
+def _workload(cfg, s: InternVLChat, model: InternVLChatModel, mbs: int, trained: int | None) -> Workload:
     data = dict(cfg.get("train_dataset") or {})
     kind = data.get("type", "InternVLDataset")  # the dataset's own defaults for what the config leaves out
     defaults = inspect.signature(kind if isinstance(kind, type) else DATASETS.get(kind)).parameters
@@ -276,14 +285,14 @@ def estimate(
     if trained_tokens is not None and trained_tokens < 1:
         raise ValueError(f"--trained-tokens must be >= 1, got {trained_tokens}")
     cfg = load_config(config, cfg_options)
-    s = parse_section(ModelSettings, cfg.get("model"), "model")
+    s = build_model_wrapper(cfg.get("model"))
     sched = parse_section(ScheduleSettings, cfg.get("schedule"), "schedule")
     runtime = parse_section(RuntimeSettings, cfg.get("runtime"), "runtime")
     bf16 = resolve_dtype(s.dtype, torch.device("cuda")) == torch.bfloat16
     model, release, nf4 = build_meta_model(s)
     w = _workload(cfg, s, model, micro_batch_size or sched.micro_batch_size, trained_tokens)
     lora = s.llm_lora_rank or s.vit_lora_rank
-    dropout = s.lora_dropout if lora else 0.0
+    dropout = s.lora.dropout if lora else 0.0
     act = me.ActivationSettings(elem=2 if bf16 else 4, lora_dropout=dropout, mask_seq_len=w.max_length)
     counts = count_parameters(model, nf4, act.elem)
     details: dict[str, int] = {}
@@ -295,10 +304,10 @@ def estimate(
     selected = _zero_setup(deepspeed or runtime.deepspeed)
     setups = _STANDARD + ([selected] if selected not in _STANDARD else [])
     states = [
-        (z, None if s.quantize_llm and z.stage == 3 else me.model_state_bytes(params, z, gpus, bf16)) for z in setups
+        (z, None if s.quantization and z.stage == 3 else me.model_state_bytes(params, z, gpus, bf16)) for z in setups
     ]
     notes = []
-    if s.quantize_llm:
+    if s.quantization:
         notes.append("QLoRA: 4-bit weights cannot be sharded by ZeRO-3 (n/a rows); nf4 counted at its packed size")
     return Estimate(
         config=find_config(config).stem,
@@ -324,16 +333,17 @@ def estimate(
     )
 
 
-def _method_text(s: ModelSettings) -> str:
+def _method_text(s: InternVLChat) -> str:
     parts = []
     if s.llm_lora_rank:
-        parts.append(f"{'QLoRA (nf4 LLM)' if s.quantize_llm else 'LoRA'} r{s.llm_lora_rank} on the LLM")
+        parts.append(f"{'QLoRA (nf4 LLM)' if s.quantization else 'LoRA'} r{s.llm_lora_rank} on the LLM")
     if s.vit_lora_rank:
         parts.append(f"LoRA r{s.vit_lora_rank} on the ViT")
-    frozen = [n for n, f in (("ViT", s.freeze_vit), ("mlp1", s.freeze_mlp), ("LLM", s.freeze_llm)) if f]
+    f = s.freeze
+    frozen = [n for n, frozen in (("ViT", f.vit), ("mlp1", f.mlp), ("LLM", f.llm)) if frozen]
     if not s.llm_lora_rank and not s.vit_lora_rank:
         parts.append("full fine-tune")
     parts.append("frozen: " + (", ".join(frozen) if frozen else "nothing"))
-    if s.unfreeze_vit_layers:
-        parts.append(f"last {s.unfreeze_vit_layers} ViT layers trained")
+    if f.unfreeze_vit_layers:
+        parts.append(f"last {f.unfreeze_vit_layers} ViT layers trained")
     return "; ".join(parts)

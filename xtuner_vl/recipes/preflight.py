@@ -1,8 +1,8 @@
 """Cheap checks of a training setup, run by the launcher before torchrun starts any rank.
 
 A missing model directory or data file found by every rank means one traceback per rank and torchrun's
-``ChildFailedError`` report; found here it is one line. Nothing heavy is imported: no torch, no tokenizer, no
-DeepSpeed; only file names and sizes are read.
+``ChildFailedError`` report; found here it is one line. Nothing heavy is imported: no transformers, tokenizer
+or DeepSpeed (only torch, which MMEngine's registry loads for its logger); only file names and sizes are read.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from xtuner_vl.recipes.config import find_config, load_config
-from xtuner_vl.recipes.settings import ModelSettings, parse_section
+from xtuner_vl.recipes.model_wrapper import InternVLChat, build_model_wrapper
 
 __all__ = ["preflight"]
 
@@ -61,21 +61,21 @@ def _as_list(value: str | None | Sequence[str | None]) -> list[str | None]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _data_problems(dataset: dict) -> list[str]:
+def _data_problems(dataset: dict, section: str = "train_dataset") -> list[str]:
     problems = [
-        f"data file {p} does not exist (train_dataset.data_paths)"
+        f"data file {p} does not exist ({section}.data_paths)"
         for p in _as_list(dataset.get("data_paths"))
         if p is not None and not Path(p).is_file()
     ]
     problems += [
-        f"image folder {f} does not exist (train_dataset.image_folders)"
+        f"image folder {f} does not exist ({section}.image_folders)"
         for f in dict.fromkeys(_as_list(dataset.get("image_folders")))  # a folder shared by sources: once
         if f is not None and not Path(f).is_dir()
     ]
     return problems
 
 
-def _checkpoint_bytes(model: ModelSettings) -> tuple[int, str]:
+def _checkpoint_bytes(model: InternVLChat) -> tuple[int, str]:
     """A lower bound of one checkpoint's size, and what it is."""
     if model.llm_lora_rank > 0 or model.vit_lora_rank > 0:
         return LORA_CHECKPOINT_BYTES, "the LoRA minimum"
@@ -85,7 +85,7 @@ def _checkpoint_bytes(model: ModelSettings) -> tuple[int, str]:
     return sum(f.stat().st_size for f in files if f.is_file()), "the model's weight files"
 
 
-def _work_dir_problems(work: Path, model: ModelSettings) -> list[str]:
+def _work_dir_problems(work: Path, model: InternVLChat) -> list[str]:
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -116,10 +116,11 @@ def preflight(config: str, work_dir: str | None, cfg_options: dict | None) -> li
     """
     try:
         cfg = load_config(config, cfg_options)
-        model = parse_section(ModelSettings, cfg.get("model"), "model")
+        model = build_model_wrapper(cfg.get("model"))
     except Exception as e:  # any parse failure (syntax, unknown key, bad _base_) becomes the one line
         message = str(e) if isinstance(e, (OSError, ValueError)) else f"config {config}: {type(e).__name__}: {e}"
         return [" ".join(message.split())]  # one line, whatever the parser's layout
     problems = _model_problems(Path(model.path)) + _data_problems(dict(cfg.get("train_dataset") or {}))
+    problems += _data_problems(dict(cfg.get("eval_dataset") or {}), "eval_dataset")
     work = Path(work_dir or Path("work_dirs") / find_config(config).stem)
     return problems + _work_dir_problems(work, model)

@@ -7,35 +7,47 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "ModelSettings",
+    "ConfigTypeError",
+    "FreezeSettings",
+    "LoraSettings",
+    "QuantizationSettings",
     "OptimSettings",
     "ScheduleSettings",
     "DataLoaderSettings",
     "RuntimeSettings",
+    "EvaluationSettings",
     "parse_section",
 ]
 
 
 @dataclass
-class ModelSettings:
-    """What to load and how it trains (method: full / LoRA / QLoRA)."""
+class FreezeSettings:
+    """``model.freeze``: which parts keep their weights (the official ``--freeze_*`` switches)."""
 
-    path: str
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or bf16 / fp32
-    attn_implementation: str | None = None  # None: flash_attention_2 if it imports, else torch_varlen (CUDA) / sdpa
-    freeze_vit: bool = True
-    freeze_mlp: bool = False
-    freeze_llm: bool = False
-    unfreeze_vit_layers: int = 0
-    unfreeze_lm_head: bool = False
-    llm_lora_rank: int = 0
-    vit_lora_rank: int = 0
-    lora_alpha: int | None = None  # None: 2 x rank (official)
-    lora_dropout: float = 0.05
-    llm_lora_targets: list[str] | None = None  # None: the official targets of the LLM family
-    quantize_llm: bool = False  # QLoRA: LLM linears in nf4 + double quant
-    gradient_checkpointing: bool = True
-    drop_path_rate: float | None = None  # None: keep the checkpoint's
+    vit: bool = True
+    mlp: bool = False
+    llm: bool = False
+    unfreeze_vit_layers: int = 0  # train the last N ViT layers even when vit is frozen (official --unfreeze_vit_layers)
+    unfreeze_lm_head: bool = False  # train the output head even when llm is frozen or under LoRA
+
+
+@dataclass
+class LoraSettings:
+    """``model.lora``: peft LoRA adapters on the LLM and/or the ViT (the official ``--use_llm_lora`` /
+    ``--use_backbone_lora`` ranks)."""
+
+    llm_rank: int = 0
+    vit_rank: int = 0
+    alpha: int | None = None  # None: 2 x rank (official)
+    dropout: float = 0.05
+    llm_targets: list[str] | None = None  # None: the official targets of the LLM family
+
+
+@dataclass
+class QuantizationSettings:
+    """``model.quantization``: QLoRA's frozen 4-bit LLM (bitsandbytes)."""
+
+    llm: str = "nf4"  # the LLM's linears in nf4 with double quantization, computed in the model dtype
 
 
 @dataclass
@@ -93,6 +105,10 @@ class RuntimeSettings:
     dist_timeout_minutes: float = 60.0
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type: a ``TypeError`` that the CLI reports in one line like other bad input."""
+
+
 def parse_section(cls: type, values: dict[str, Any] | None, section: str) -> Any:
     """Build dataclass ``cls`` from a config section, refusing unknown keys and wrong basic types."""
     values = dict(values or {})
@@ -103,11 +119,25 @@ def parse_section(cls: type, values: dict[str, Any] | None, section: str) -> Any
     for key, value in values.items():
         default = names[key].default
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise TypeError(f"config {section}.{key} must be true/false, got {value!r}")
+            raise ConfigTypeError(f"config {section}.{key} must be true/false, got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise TypeError(f"config {section}.{key} must be a number, got {value!r}")
+                raise ConfigTypeError(f"config {section}.{key} must be a number, got {value!r}")
     try:
         return cls(**values)
     except TypeError as e:
         raise ValueError(f"config section {section!r}: {e}") from None
+
+
+@dataclass
+class EvaluationSettings:
+    """``evaluation``: the mean loss over ``eval_dataset`` and greedy answers to fixed prompts during training
+    (xtuner's ``EvaluateChatHook`` habit); the section's presence turns it on."""
+
+    interval: int = 500  # optimizer steps between evaluations; the last step is always evaluated
+    max_samples: int | None = None  # the eval loss over the first N samples of eval_dataset; None: all of them
+    # Fixed prompts answered greedily: dict(text='Describe the image.', image='path.jpg'); image: a path, a list of
+    # paths or left out (text only). Images are tiled as the training data are.
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    max_new_tokens: int = 64  # longest answer; generation also stops at the template's separator and the EOS
+    system: str | None = None  # system message of the prompts; None: the training template's

@@ -29,11 +29,12 @@ from xtuner_vl.model import load_tokenizer
 from xtuner_vl.model.attention import resolve_attn_implementation
 from xtuner_vl.model.configuration import read_config
 from xtuner_vl.model.tokenizer import img_context_token_id
-from xtuner_vl.recipes.build_model import build_train_model, resolve_dtype
-from xtuner_vl.recipes.config import find_config, load_config
+from xtuner_vl.recipes.build_evaluation import build_evaluator, check_evaluation, eval_dataset_args
+from xtuner_vl.recipes.config import dump_config, find_config, load_config
+from xtuner_vl.recipes.model_wrapper import InternVLChat, build_model_wrapper, resolve_dtype
 from xtuner_vl.recipes.settings import (
     DataLoaderSettings,
-    ModelSettings,
+    EvaluationSettings,
     OptimSettings,
     RuntimeSettings,
     ScheduleSettings,
@@ -85,11 +86,15 @@ def train(
     """Train as ``config`` says; returns the work dir. ``allow_data_change``: resume although the content of
     an annotation file differs from the checkpoint's run."""
     cfg = load_config(config, cfg_options)
-    model_s = parse_section(ModelSettings, cfg.get("model"), "model")
+    model_s = build_model_wrapper(cfg.get("model"))
     optim_s = parse_section(OptimSettings, cfg.get("optim"), "optim")
     sched = parse_section(ScheduleSettings, cfg.get("schedule"), "schedule")
     loader_s = parse_section(DataLoaderSettings, cfg.get("dataloader"), "dataloader")
     runtime = parse_section(RuntimeSettings, cfg.get("runtime"), "runtime")
+    # Evaluation during training: on when the config has an `evaluation` section (recipes/build_evaluation.py).
+    has_eval = cfg.get("evaluation") is not None
+    eval_s = parse_section(EvaluationSettings, cfg.get("evaluation"), "evaluation") if has_eval else None
+    check_evaluation(eval_s, cfg.get("eval_dataset"))
     runtime.deepspeed = deepspeed or runtime.deepspeed
     runtime.seed = seed if seed is not None else runtime.seed
     ds_preset = load_deepspeed_config(runtime.deepspeed) if runtime.deepspeed else None
@@ -103,7 +108,7 @@ def train(
     if d.is_main:
         # The copy the run really used: the command line's --seed / --deepspeed written into it too.
         cfg.runtime = {**cfg.get("runtime", {}), "seed": runtime.seed, "deepspeed": runtime.deepspeed}
-        cfg.dump(str(work / f"{find_config(config).stem}.py"))
+        dump_config(cfg, work / f"{find_config(config).stem}.py")
 
     tokenizer = load_tokenizer(model_s.path)
     dataset = DATASETS.build({"model_path": model_s.path, **cfg.train_dataset, "tokenizer": tokenizer})
@@ -111,12 +116,12 @@ def train(
     bf16 = resolve_dtype(model_s.dtype, d.device) == torch.bfloat16
     ds_cfg = None
     if ds_preset is not None:
-        # Completed before the model exists: a ZeRO-3 run partitions each weight as it is read (build_model).
+        # Completed before the model exists: a ZeRO-3 run partitions each weight as it is read (InternVLChat.build).
         hidden_size = read_config(model_s.path).llm_config["hidden_size"]
         ds_cfg = complete_deepspeed_config(
             ds_preset, sched.micro_batch_size, accum, d.world_size, optim_s.max_grad_norm, bf16, hidden_size
         )
-    model = build_train_model(model_s, d.device, ds_cfg)
+    model = model_s.build(d.device, ds_cfg)
     flops = TrainingFlops(model)  # before DeepSpeed wraps it (it reads module shapes, never weights)
     base_dataset = dataset
     if loader_s.pack:  # micro_batch_size then counts packs (rows of several samples) per step
@@ -166,6 +171,15 @@ def train(
         backend = DeepSpeedBackend(model, optimizer, ds_cfg, d)
     else:
         backend = TorchBackend(model, optimizer, d, optim_s.max_grad_norm, bf16)
+    evaluator = None
+    if eval_s is not None:  # the eval set is built as train_dataset is, through the DATASETS registry
+        eval_set = None
+        if cfg.get("eval_dataset") is not None:
+            eval_args = eval_dataset_args(cfg.train_dataset, cfg.eval_dataset)
+            eval_set = DATASETS.build({"model_path": model_s.path, **eval_args, "tokenizer": tokenizer})
+        evaluator = build_evaluator(
+            eval_s, eval_set, base_dataset, collate, backend, d, total, sched.micro_batch_size, loader_s.num_workers
+        )
 
     settings = TrainerSettings(
         total_steps=total,
@@ -186,7 +200,7 @@ def train(
             "config": find_config(config).stem,
             "model_path": model_s.path,
             "deepspeed": runtime.deepspeed,
-            "method": _method(model_s),
+            "method": model_s.method,
         },
     )
 
@@ -212,6 +226,7 @@ def train(
         flops,
         _peak_flops(runtime, d, bf16),
         describe_sample=describe_sample,
+        evaluator=evaluator,
     )
     resume_path = _resume_path(resume, trainer)
     # From here on each rank draws its own dropout / drop-path masks (alike they would repeat one mask per
@@ -227,18 +242,14 @@ def train(
     return work
 
 
-def _refuse_impossible_setup(config: str, model: ModelSettings, runtime: RuntimeSettings, ds: dict | None) -> None:
+def _refuse_impossible_setup(config: str, model: InternVLChat, runtime: RuntimeSettings, ds: dict | None) -> None:
     """Stop, before anything is loaded, on a method the DeepSpeed config cannot train."""
-    if model.quantize_llm and ds is not None and zero_stage(ds) == 3:
+    if model.quantization is not None and ds is not None and zero_stage(ds) == 3:
         raise ValueError(
-            f"{config}: QLoRA (model.quantize_llm) cannot train with DeepSpeed {runtime.deepspeed!r} (ZeRO-3): "
+            f"{config}: QLoRA (model.quantization) cannot train with DeepSpeed {runtime.deepspeed!r} (ZeRO-3): "
             "ZeRO-3 partitions every weight across ranks and bitsandbytes 4-bit weights cannot be partitioned; "
             "use zero1, zero2 or zero2_offload"
         )
-
-
-def _method(s: ModelSettings) -> str:
-    return "qlora" if s.quantize_llm else "lora" if (s.llm_lora_rank or s.vit_lora_rank) else "full"
 
 
 def _data_signature(base_dataset, dataset, sampler, loader: DataLoaderSettings, sched: ScheduleSettings) -> dict:

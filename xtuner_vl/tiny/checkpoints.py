@@ -127,6 +127,29 @@ _QWEN2 = {
     "sliding_window": 32768,
     "use_sliding_window": False,
 }
+# Qwen2.5-Instruct as InternVL2.5 / 3 store it: the official internvl_chat config class forces an untied head.
+_QWEN2_5 = {**_QWEN2, "max_window_layers": 24}
+# Qwen3 (InternVL3.5): q/k RMS norms, head_dim set apart from hidden / heads (here 32, not 16), tied head as in
+# Qwen3-0.6B's own config (the 3.5 code reads tie_word_embeddings from llm_config).
+_QWEN3 = {
+    **_LLM_COMMON,
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 40960,
+    "max_window_layers": 28,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "use_sliding_window": False,
+    "tie_word_embeddings": True,
+}
 _LLAMA = {
     **_LLM_COMMON,
     "architectures": ["LlamaForCausalLM"],
@@ -144,7 +167,8 @@ _LLAMA = {
 }
 
 # name -> (tokenizer family, vision config, llm config, top-level overrides); the releases' config.json files
-# (model cards of OpenGVLab/InternVL2-*, Mini-InternVL-Chat-*-V1-5, InternVL-Chat-V1-5) at toy sizes.
+# (model cards of OpenGVLab/InternVL2-*, Mini-InternVL-Chat-*-V1-5, InternVL-Chat-V1-5, InternVL2_5-1B,
+# InternVL3_5-1B) at toy sizes.
 TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
     "mini-internvl-chat-2b-v1-5": (
         "internlm2",
@@ -160,6 +184,20 @@ TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
     "internvl2-8b": ("internlm2", _VIT_300M, _INTERNLM2_5, {"template": "internlm2-chat", "ps_version": "v2"}),
     "internvl2-26b": ("internlm2", _VIT_6B, _INTERNLM2, {"template": "internlm2-chat", "ps_version": "v2"}),
     "internvl2-40b": ("llama", _VIT_6B, _LLAMA, {"template": "Hermes-2", "ps_version": "v2"}),
+    # InternViT-300M-448px-V2_5 has the 300M shape. Top-level tie_word_embeddings mirrors llm_config's, as the
+    # official InternVLChatConfig of each release writes it.
+    "internvl2_5-1b": (
+        "qwen2",
+        _VIT_300M,
+        _QWEN2_5,
+        {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": False},
+    ),
+    "internvl3_5-1b": (
+        "qwen2",
+        _VIT_300M,
+        _QWEN3,
+        {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": True},
+    ),
 }
 
 
@@ -215,18 +253,24 @@ def _special_ids(tokenizer, llm: dict) -> dict[str, int]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    if llm["architectures"][0] == "Qwen2ForCausalLM":  # Qwen2: bos = <|endoftext|>, eos = <|im_end|>
+    if llm["architectures"][0] in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # bos <|endoftext|>, eos <|im_end|>
         ids["bos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         ids["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return {k: v for k, v in ids.items() if k in llm and v is not None}
 
 
 def make_tiny(
-    family: str, out_dir: str | Path, seed: int = 0, logit_scale: float = 1.0, **overrides: Any
+    family: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    logit_scale: float = 1.0,
+    llm_overrides: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Path:
     """Write a tiny random checkpoint of ``family`` (a key of :data:`TINY_FAMILIES`) to ``out_dir``.
 
-    ``overrides`` replace top-level config.json fields (e.g. ``ps_version="v1"``, ``select_layer=-2``).
+    ``overrides`` replace top-level config.json fields (e.g. ``ps_version="v1"``, ``select_layer=-2``),
+    ``llm_overrides`` fields of ``llm_config`` (e.g. ``tie_word_embeddings=True``).
     ``logit_scale`` multiplies the LLM's final norm weight. At 1 the logits are O(1), which is what the
     equivalence tests want; but then a frozen norm and head cap the probability of any token well
     below 1 (a logit range of about 8 against a vocabulary of ~650), so LoRA, which leaves both frozen,
@@ -239,7 +283,7 @@ def make_tiny(
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tiny_tokenizer(tok_family, out)
     tokenizer = load_tokenizer(out)
-    llm = {**copy.deepcopy(llm), "vocab_size": vocab_size, **_special_ids(tokenizer, llm)}
+    llm = {**copy.deepcopy(llm), "vocab_size": vocab_size, **_special_ids(tokenizer, llm), **(llm_overrides or {})}
     raw = _top_level(copy.deepcopy(vision), llm, {**top, **overrides})
     config = InternVLConfig.from_dict(raw)
     model = InternVLChatModel.from_config(config, img_context_token_id(tokenizer))

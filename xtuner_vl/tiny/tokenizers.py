@@ -43,14 +43,28 @@ __all__ = ["IMAGE_TOKENS", "TOKENIZER_FAMILIES", "write_tiny_tokenizer"]
 
 # InternVL's tokens, appended by its training code right after each family's own vocabulary.
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
-INTERNLM2_CHAT_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>",
-                         "<|im_start|>")
+INTERNLM2_CHAT_TOKENS = (
+    "<|plugin|>",
+    "<|interpreter|>",
+    "<|action_end|>",
+    "<|action_start|>",
+    "<|im_end|>",
+    "<|im_start|>",
+)
 # Phi-3-mini's added tokens (ids 32000-32010 in the real vocab), and whether each eats the whitespace on its
 # right (rstrip).
 PHI3_TOKENS = (
-    ("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder1|>", True), ("<|placeholder2|>", True),
-    ("<|placeholder3|>", True), ("<|placeholder4|>", True), ("<|system|>", True), ("<|end|>", True),
-    ("<|placeholder5|>", True), ("<|placeholder6|>", True), ("<|user|>", True),
+    ("<|endoftext|>", False),
+    ("<|assistant|>", True),
+    ("<|placeholder1|>", True),
+    ("<|placeholder2|>", True),
+    ("<|placeholder3|>", True),
+    ("<|placeholder4|>", True),
+    ("<|system|>", True),
+    ("<|end|>", True),
+    ("<|placeholder5|>", True),
+    ("<|placeholder6|>", True),
+    ("<|user|>", True),
 )
 QWEN2_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Yi: ids 3-5 are reserved pieces (unused by InternVL), ChatML tokens at 6-8.
@@ -78,10 +92,8 @@ _QWEN2_SPLIT = (
 
 # ------------------------------------------------------------------------------------------- corpus
 _SYSTEM_MESSAGES = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
-    "英文名叫InternVL, 是一个有用无害的人工智能助手。",
-    "你是书生·万象，英文名是InternVL，"
-    "是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
     "You are an AI assistant whose name is InternLM (书生·浦语).",
     "You are an AI assistant whose name is Phi-3.",
     "Answer the questions.",
@@ -121,11 +133,25 @@ def _train_sentencepiece(
     """Train a byte-fallback BPE model (Llama-2 / InternLM2 style settings) and return its proto."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_corpus(), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-        add_dummy_prefix=add_dummy_prefix, remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, num_threads=1, shuffle_input_sentence=False,
-        user_defined_symbols=list(head_pieces), unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        sentence_iterator=_corpus(),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=add_dummy_prefix,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        user_defined_symbols=list(head_pieces),
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
         **specs,
     )
     return sp_pb2.ModelProto.FromString(buf.getvalue())
@@ -133,8 +159,14 @@ def _train_sentencepiece(
 
 def _added(content: str, special: bool = True, rstrip: bool = False) -> dict[str, Any]:
     """An ``added_tokens_decoder`` entry; the releases' added tokens are never normalized."""
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": rstrip, "single_word": False,
-            "special": special}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": rstrip,
+        "single_word": False,
+        "special": special,
+    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -155,8 +187,11 @@ def _save_fast(fast: Tokenizer, path: Path, decoder: dict | None = None, **model
 
 def _write_common(out: Path, config: dict[str, Any], decoder: dict[int, dict], first_added: int) -> int:
     """Write tokenizer_config.json, special_tokens_map.json and added_tokens.json as transformers 4.37 did."""
-    config = {**config, "added_tokens_decoder": {str(i): decoder[i] for i in sorted(decoder)},
-              "model_max_length": _MODEL_MAX_LENGTH}
+    config = {
+        **config,
+        "added_tokens_decoder": {str(i): decoder[i] for i in sorted(decoder)},
+        "model_max_length": _MODEL_MAX_LENGTH,
+    }
     _write_json(out / "tokenizer_config.json", config)
     special_map: dict[str, Any] = {"additional_special_tokens": config["additional_special_tokens"]}
     by_content = {d["content"]: d for d in decoder.values()}
@@ -179,14 +214,32 @@ def _write_internlm2(out: Path) -> int:
     decoder = {i: _added(t) for i, t in zip((0, 1, 2, *range(n - 6, n)), names, strict=True)}
     decoder.update({n + k: _added(t) for k, t in enumerate(IMAGE_TOKENS)})
     config = {
-        "add_bos_token": True, "add_eos_token": False,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>",
-                                      "<|interpreter|>", "<|plugin|>", *IMAGE_TOKENS],
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
-        "bos_token": "<s>", "chat_template": _INTERNLM2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "decode_with_prefix_space": False, "eos_token": "</s>", "pad_token": "</s>", "sp_model_kwargs": {},
-        "tokenizer_class": "InternLM2Tokenizer", "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "additional_special_tokens": [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|action_start|>",
+            "<|action_end|>",
+            "<|interpreter|>",
+            "<|plugin|>",
+            *IMAGE_TOKENS,
+        ],
+        "auto_map": {
+            "AutoTokenizer": [
+                "tokenization_internlm2.InternLM2Tokenizer",
+                "tokenization_internlm2_fast.InternLM2TokenizerFast",
+            ]
+        },
+        "bos_token": "<s>",
+        "chat_template": _INTERNLM2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "decode_with_prefix_space": False,
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "InternLM2Tokenizer",
+        "unk_token": "<unk>",
     }
     return _write_common(out, config, decoder, n)
 
@@ -218,17 +271,28 @@ def _write_phi3(out: Path) -> int:
     bpe = models.BPE(vocab, _sp_merges(proto), unk_token="<unk>", fuse_unk=True, byte_fallback=True)
     fast = Tokenizer(bpe)
     fast.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Strip(" ", 1, 0)])
-    fast.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
-                                                        special_tokens=[("<s>", 1)])
+    fast.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    fast.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
+    )
     fast.add_special_tokens([AddedToken(**{k: v for k, v in d.items()}) for _, d in sorted(decoder.items())])
     _save_fast(fast, out / "tokenizer.json")
     config = {
-        "add_bos_token": True, "add_eos_token": False, "additional_special_tokens": list(IMAGE_TOKENS),
-        "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
-        "legacy": False, "pad_token": "<|endoftext|>", "padding_side": "left", "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "additional_special_tokens": list(IMAGE_TOKENS),
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "legacy": False,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
     }
     return _write_common(out, config, decoder, n)
 
@@ -236,44 +300,73 @@ def _write_phi3(out: Path) -> int:
 def _write_qwen2(out: Path) -> int:
     fast = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
     fast.normalizer = normalizers.NFC()
-    fast.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    fast.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     fast.decoder = decoders.ByteLevel()
     fast.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(vocab_size=_BPE_VOCAB, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     fast.train_from_iterator(_corpus(), trainer=trainer)
     n = fast.get_vocab_size()
     decoder = {n + k: _added(t) for k, t in enumerate(QWEN2_TOKENS + IMAGE_TOKENS)}
     fast.add_special_tokens([AddedToken(**d) for _, d in sorted(decoder.items())])
     byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    _save_fast(fast, out / "tokenizer.json", decoder={"type": "ByteLevel", **byte_level},
-               continuing_subword_prefix="", end_of_word_suffix="")
+    _save_fast(
+        fast,
+        out / "tokenizer.json",
+        decoder={"type": "ByteLevel", **byte_level},
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+    )
     fast.model.save(str(out))  # vocab.json + merges.txt, the slow Qwen2Tokenizer's files
     config = {
-        "add_prefix_space": False, "additional_special_tokens": ["<|im_start|>", "<|im_end|>", *IMAGE_TOKENS],
-        "bos_token": None, "chat_template": _QWEN2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>", "errors": "replace", "pad_token": "<|endoftext|>",
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        "add_prefix_space": False,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", *IMAGE_TOKENS],
+        "bos_token": None,
+        "chat_template": _QWEN2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
     }
     return _write_common(out, config, decoder, n)
 
 
 def _write_llama(out: Path) -> int:
-    proto = _train_sentencepiece(add_dummy_prefix=False, head_pieces=YI_PIECES, bos_piece="<|startoftext|>",
-                                 eos_piece="<|endoftext|>")
+    proto = _train_sentencepiece(
+        add_dummy_prefix=False, head_pieces=YI_PIECES, bos_piece="<|startoftext|>", eos_piece="<|endoftext|>"
+    )
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
     n = len(proto.pieces)
     decoder = {0: _added("<unk>"), 1: _added("<|startoftext|>"), 2: _added("<|endoftext|>")}
     decoder.update({6: _added("<|im_start|>"), 7: _added("<|im_end|>"), 8: _added("<|im_sep|>")})
     decoder.update({n + k: _added(t) for k, t in enumerate(IMAGE_TOKENS)})
     config = {
-        "add_bos_token": False, "add_eos_token": False, "additional_special_tokens": list(IMAGE_TOKENS),
-        "bos_token": "<|startoftext|>", "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>",
-        "legacy": True, "pad_token": "<unk>", "padding_side": "right", "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "additional_special_tokens": list(IMAGE_TOKENS),
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "legacy": True,
+        "pad_token": "<unk>",
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
     }
     return _write_common(out, config, decoder, n)
 

@@ -3,13 +3,13 @@
 # target modules), ViT frozen, mlp1 trained, lr 4e-05, weight decay 0.01, 4 per GPU, global batch 16
 # on 2 GPUs, DeepSpeed ZeRO-1.
 _base_ = [
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/lora.py',
-    '../_base_/models/internvl_v1_5_internlm2_2b.py',
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/lora.py",
+    "../_base_/models/internvl_v1_5_internlm2_2b.py",
 ]
 
-model_path = 'Mini-InternVL-Chat-2B-V1-5'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, llm_lora_rank=16, lora_dropout=0.05)
+model_path = "Mini-InternVL-Chat-2B-V1-5"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, freeze=dict(vit=True, mlp=False), lora=dict(llm_rank=16, dropout=0.05))
 optim = dict(lr=4e-05, weight_decay=0.01)
 schedule = dict(global_batch_size=16, micro_batch_size=4)
-runtime = dict(deepspeed='zero1')
+runtime = dict(deepspeed="zero1")

@@ -3,13 +3,13 @@
 # trained, lr 2e-05, weight decay 0.05, drop_path 0.4, 2 per GPU, global batch 128 on 8 GPUs,
 # DeepSpeed ZeRO-3.
 _base_ = [
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/full.py',
-    '../_base_/models/internvl_v2_internlm2_26b.py',
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/full.py",
+    "../_base_/models/internvl_v2_internlm2_26b.py",
 ]
 
-model_path = 'InternVL2-26B'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.4)
+model_path = "InternVL2-26B"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, drop_path_rate=0.4, freeze=dict(vit=True, mlp=False, llm=False))
 optim = dict(lr=2e-05, weight_decay=0.05)
 schedule = dict(global_batch_size=128, micro_batch_size=2)
-runtime = dict(deepspeed='zero3')
+runtime = dict(deepspeed="zero3")

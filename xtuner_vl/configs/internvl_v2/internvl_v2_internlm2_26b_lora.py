@@ -3,13 +3,13 @@
 # target modules), ViT frozen, mlp1 trained, lr 2e-05, weight decay 0.05, 2 per GPU, global batch 16
 # on 2 GPUs, DeepSpeed ZeRO-3.
 _base_ = [
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/lora.py',
-    '../_base_/models/internvl_v2_internlm2_26b.py',
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/lora.py",
+    "../_base_/models/internvl_v2_internlm2_26b.py",
 ]
 
-model_path = 'InternVL2-26B'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, llm_lora_rank=16, lora_dropout=0.05)
+model_path = "InternVL2-26B"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, freeze=dict(vit=True, mlp=False), lora=dict(llm_rank=16, dropout=0.05))
 optim = dict(lr=2e-05, weight_decay=0.05)
 schedule = dict(global_batch_size=16, micro_batch_size=2)
-runtime = dict(deepspeed='zero3')
+runtime = dict(deepspeed="zero3")

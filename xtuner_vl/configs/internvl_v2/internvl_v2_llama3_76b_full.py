@@ -5,13 +5,13 @@
 # zero_stage3_config_100b.json; our zero3 preset differs only in the persistence threshold, 10 x hidden =
 # 81,920 elements against 1e4). ZeRO-3 partitions each weight as it is read: no GPU ever holds the 142 GiB.
 _base_ = [
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/full.py',
-    '../_base_/models/internvl_v2_llama3_76b.py',
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/full.py",
+    "../_base_/models/internvl_v2_llama3_76b.py",
 ]
 
-model_path = 'InternVL2-Llama3-76B'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.4)
+model_path = "InternVL2-Llama3-76B"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, drop_path_rate=0.4, freeze=dict(vit=True, mlp=False, llm=False))
 optim = dict(lr=2e-05, weight_decay=0.05)
 schedule = dict(global_batch_size=128, micro_batch_size=1)
-runtime = dict(deepspeed='zero3')
+runtime = dict(deepspeed="zero3")

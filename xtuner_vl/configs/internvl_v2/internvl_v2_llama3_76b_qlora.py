@@ -4,8 +4,8 @@
 # otherwise (internvl2_76b_hermes2_llama3_70b_dynamic_res_2nd_finetune_lora.sh). Each linear is quantized on the
 # GPU as it is read, so the 76B model loads on one 80 GB GPU. 4-bit weights cannot be sharded by ZeRO-3, so
 # QLoRA runs on ZeRO-2 at most.
-_base_ = ['./internvl_v2_llama3_76b_lora.py']
+_base_ = ["./internvl_v2_llama3_76b_lora.py"]
 
-model_path = 'InternVL2-Llama3-76B'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, llm_lora_rank=128, lora_alpha=256, quantize_llm=True)
-runtime = dict(deepspeed='zero2')
+model_path = "InternVL2-Llama3-76B"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, lora=dict(llm_rank=128, alpha=256), quantization=dict(llm="nf4"))
+runtime = dict(deepspeed="zero2")

@@ -3,13 +3,13 @@
 # trained, lr 4e-05, weight decay 0.01, drop_path 0.1, 4 per GPU, global batch 128 on 8 GPUs,
 # DeepSpeed ZeRO-1.
 _base_ = [
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/full.py',
-    '../_base_/models/internvl_v2_qwen2_1b.py',
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/full.py",
+    "../_base_/models/internvl_v2_qwen2_1b.py",
 ]
 
-model_path = 'InternVL2-1B'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, freeze_llm=False, drop_path_rate=0.1)
+model_path = "InternVL2-1B"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, drop_path_rate=0.1, freeze=dict(vit=True, mlp=False, llm=False))
 optim = dict(lr=4e-05, weight_decay=0.01)
 schedule = dict(global_batch_size=128, micro_batch_size=4)
-runtime = dict(deepspeed='zero1')
+runtime = dict(deepspeed="zero1")

@@ -2,8 +2,8 @@
 # xtuner's seed recipe: LLM linears in 4-bit nf4 with double quantization (bitsandbytes), LoRA r128 / alpha 256
 # on all LLM linears, ViT and mlp1 unquantized, mlp1 trained; the LoRA schedule of this model otherwise.
 # 4-bit weights cannot be sharded by ZeRO-3, so QLoRA runs on ZeRO-2 at most.
-_base_ = ['./internvl_v2_qwen2_1b_lora.py']
+_base_ = ["./internvl_v2_qwen2_1b_lora.py"]
 
-model_path = 'InternVL2-1B'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, llm_lora_rank=128, lora_alpha=256, quantize_llm=True)
-runtime = dict(deepspeed='zero1')
+model_path = "InternVL2-1B"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, lora=dict(llm_rank=128, alpha=256), quantization=dict(llm="nf4"))
+runtime = dict(deepspeed="zero1")

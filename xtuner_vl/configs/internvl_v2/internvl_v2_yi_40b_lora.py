@@ -3,15 +3,15 @@
 # internvl2_40b_hermes2_yi_34b_dynamic_res_2nd_finetune_lora.sh: LoRA r16 on the LLM (alpha 2r, dropout 0.05,
 # official target modules), ViT frozen, lr 2e-05, weight decay 0.05, 2 per GPU, global batch 16 on 2 GPUs,
 # DeepSpeed ZeRO-3 (zero_stage3_config_34b.json). As in the other LoRA configs here mlp1 trains; the script
-# freezes it (--freeze_mlp True): set freeze_mlp=True for the script's exact method.
+# freezes it (--freeze_mlp True): set freeze=dict(mlp=True) for the script's exact method.
 _base_ = [
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/lora.py',
-    '../_base_/models/internvl_v2_yi_40b.py',
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/lora.py",
+    "../_base_/models/internvl_v2_yi_40b.py",
 ]
 
-model_path = 'InternVL2-40B'  # the release directory (config.json + weights); edit this
-model = dict(path=model_path, freeze_vit=True, freeze_mlp=False, llm_lora_rank=16, lora_dropout=0.05)
+model_path = "InternVL2-40B"  # the release directory (config.json + weights); edit this
+model = dict(path=model_path, freeze=dict(vit=True, mlp=False), lora=dict(llm_rank=16, dropout=0.05))
 optim = dict(lr=2e-05, weight_decay=0.05)
 schedule = dict(global_batch_size=16, micro_batch_size=2)
-runtime = dict(deepspeed='zero3')
+runtime = dict(deepspeed="zero3")

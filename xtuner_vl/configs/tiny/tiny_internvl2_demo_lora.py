@@ -1,9 +1,9 @@
 # `xtuner-vl demo`: LoRA on the tiny InternVL2 (InternLM2 family) that the demo writes, on CPU.
 # The tiny tokenizer and model learn from scratch, so the learning rate is far above a real model's
 # and each scene is one tile (no dynamic tiling: it keeps the run to a few minutes on 2 cores).
-_base_ = ['./tiny_internvl2_lora.py']
+_base_ = ["./tiny_internvl2_lora.py"]
 
-model = dict(llm_lora_rank=16, gradient_checkpointing=False)  # official LoRA rank; tiny activations
+model = dict(gradient_checkpointing=False, lora=dict(llm_rank=16))  # official LoRA rank; tiny activations
 train_dataset = dict(max_length=1024, max_dynamic_patch=1)
 optim = dict(lr=3e-3, weight_decay=0.0)
 schedule = dict(global_batch_size=4, micro_batch_size=2, epochs=1, warmup_ratio=0.1)

@@ -1,13 +1,20 @@
 # Tiny CPU config used by the tests and the demo: a tiny official-format InternVL2 (InternLM2
 # family) written by `xtuner-vl make-tiny internvl2-2b DIR`, synthetic data, LoRA r8, fp32 on CPU.
-_base_ = ['../_base_/default_runtime.py', '../_base_/datasets/llava_sft.py', '../_base_/schedules/lora.py']
+_base_ = ["../_base_/default_runtime.py", "../_base_/datasets/llava_sft.py", "../_base_/schedules/lora.py"]
 
-model_path = 'work_dirs/tiny/internvl2-2b'
+model_path = "work_dirs/tiny/internvl2-2b"
 
-model = dict(path=model_path, dtype='auto', llm_lora_rank=8, freeze_vit=True, gradient_checkpointing=True)
+model = dict(
+    type="InternVLChat",
+    path=model_path,
+    dtype="auto",
+    gradient_checkpointing=True,
+    freeze=dict(vit=True),
+    lora=dict(llm_rank=8),
+)
 train_dataset = dict(
-    data_paths=['work_dirs/tiny/data/data.jsonl'],
-    image_folders=['work_dirs/tiny/data/images'],
+    data_paths=["work_dirs/tiny/data/data.jsonl"],
+    image_folders=["work_dirs/tiny/data/images"],
     repeat_times=[1.0],
     max_length=2048,
     max_dynamic_patch=2,

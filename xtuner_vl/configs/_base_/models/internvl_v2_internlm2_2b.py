@@ -1,7 +1,7 @@
 # OpenGVLab/InternVL2-2B: InternViT-300M + internlm2-chat-1_8b, template internlm2-chat.
 # Download the release directory and point model_path at it (or override with --cfg-options).
-_base_ = ['../datasets/llava_sft.py']
+_base_ = ["../datasets/llava_sft.py"]
 
-model_path = 'InternVL2-2B'
-model = dict(path=model_path)
+model_path = "InternVL2-2B"
+model = dict(type="InternVLChat", path=model_path)
 train_dataset = dict(max_dynamic_patch=6)  # official fine-tune tile budget for this release
