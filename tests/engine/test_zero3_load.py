@@ -21,7 +21,7 @@ from xtuner_vl.engine.zero3_load import full_numel, full_shape, prepare_for_engi
 from xtuner_vl.model import load_internvl
 from xtuner_vl.recipes.model_wrapper import InternVLChat
 
-FAMILIES = ("internvl2-2b", "internvl2-40b", "internvl2-4b", "internvl2-1b")  # InternLM2, Llama, Phi-3, Qwen2
+FAMILIES = ("internvl2-2b", "internvl2-40b", "internvl2-4b", "internvl2-1b", "internvl3_5-1b")  # + Qwen3, tied head
 
 
 @pytest.fixture(scope="module")

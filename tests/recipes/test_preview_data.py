@@ -238,3 +238,16 @@ def test_preview_data_of_a_multi_image_sample(tiny_ckpt, tmp_path, capsys):
         w, h = Image.open(images / path).size
         cols, rows = find_closest_grid(w, h, 1, 12 // len(paths), 448)
         assert (lay.cols, lay.rows) == (cols, rows) and path in lay.label
+
+
+def test_out_may_be_a_directory_and_a_wrong_suffix_is_one_line(tiny_ckpt, tmp_path):
+    data, images = make_synthetic_dataset(tmp_path / "d", num_samples=3, seed=1)
+    options = {
+        "model.path": str(tiny_ckpt("internvl2-2b")),
+        "train_dataset.data_paths": [str(data)],
+        "train_dataset.image_folders": [str(images)],
+    }
+    assert preview_data(str(CONFIG), 2, str(tmp_path / "previews"), options) == 0
+    assert (tmp_path / "previews" / "sample-2.png").is_file() and (tmp_path / "previews" / "sample-2.txt").is_file()
+    with pytest.raises(ValueError, match=r"--out .*x\.pdf: give a \.png"):
+        preview_data(str(CONFIG), 0, str(tmp_path / "x.pdf"), options)

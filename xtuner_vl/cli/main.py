@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train" and argv is not None:
         args.argv = list(argv)
-    if args.command not in ("train", "convert", "chat") or os.environ.get("XTUNER_VL_DEBUG") == "1":
+    if args.command not in ("train", "convert", "chat", "preview-data") or os.environ.get("XTUNER_VL_DEBUG") == "1":
         return args.func(args)
     from xtuner_vl.engine.preemption import TrainingAborted
 

@@ -125,8 +125,21 @@ def image_tiles(
     return layouts
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 def preview_data(config: str, index: int, out: str, cfg_options: dict | None = None) -> int:
-    """Write ``out`` (PNG) and ``out`` with suffix ``.txt`` for dataset sample ``index``; print the text."""
+    """Write ``out`` (PNG) and ``out`` with suffix ``.txt`` for dataset sample ``index``; print the text.
+
+    ``out`` may be a directory (existing, or a path without suffix): the files are then ``sample-<index>.png``
+    and ``.txt`` in it.
+    """
+    path = Path(out)
+    if path.is_dir() or not path.suffix:
+        path = path / f"sample-{index}.png"
+    elif path.suffix.lower() not in _IMAGE_SUFFIXES:
+        raise ValueError(f"--out {out}: give a .png (or .jpg / .webp) file or a directory")
+    out = str(path)
     cfg = load_config(config, cfg_options)
     model_s = build_model_wrapper(cfg.get("model"))
     tokenizer = load_tokenizer(model_s.path)
