@@ -77,9 +77,12 @@ class Batch:
     max_seqlen: int = 0
     loss_index: torch.Tensor | None = None  # flat positions t whose token t + 1 is trained, same sample
     loss_targets: torch.Tensor | None = None  # the token ids t + 1 of loss_index
+    # float32 weight of each loss_index position (``loss_reduction`` sample / square); None: 1 each (token)
+    loss_weights: torch.Tensor | None = None
     image_token_index: torch.Tensor | None = None  # flat positions of <IMG_CONTEXT>; None: found on device
     num_tokens: int = 0  # real (unpadded) tokens
     num_trained: int = 0  # == len(loss_index)
+    loss_weight_sum: float = 0.0  # == sum(loss_weights) in float64, num_trained when loss_weights is None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Tensors on ``device``; ``image_flags`` stays where it is, so the model can pick real tiles

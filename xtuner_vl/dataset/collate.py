@@ -13,7 +13,9 @@ import torch
 
 from xtuner_vl.structures import IGNORE_INDEX, Batch, Sample
 
-__all__ = ["SkippedSample", "PackedItem", "CollatedBatch", "collate_samples"]
+__all__ = ["LOSS_REDUCTIONS", "SkippedSample", "PackedItem", "CollatedBatch", "collate_samples", "loss_weights"]
+
+LOSS_REDUCTIONS = ("token", "sample", "square")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,23 @@ def _loss_index(labels: torch.Tensor, segment_starts: torch.Tensor) -> torch.Ten
     return trained.nonzero().flatten()
 
 
+def loss_weights(
+    loss_index: torch.Tensor, cu_seqlens: torch.Tensor, reduction: str
+) -> tuple[torch.Tensor | None, float]:
+    """Per trained position, the weight ``w = 1 / n ** p`` of ``loss_reduction`` (official ``len2weight`` in
+    OpenGVLab/InternVL internvl_chat_gpt_oss/internvl/train/internvl_chat_finetune.py), with ``n`` the trained
+    positions of the sample (segment of ``cu_seqlens``) it belongs to and ``p`` 0 (token), 1 (sample) or
+    0.5 (square); and their float64 sum. Token weights are all 1: returned as None, their sum the count."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    if reduction == "token":
+        return None, float(loss_index.numel())
+    segment = torch.searchsorted(cu_seqlens[1:].long(), loss_index, right=True)  # the sample of each position
+    n = torch.bincount(segment)[segment].double()
+    weights = (1.0 / n if reduction == "sample" else n.rsqrt()).float()
+    return weights, float(weights.double().sum())
+
+
 def _positions_of(ids: torch.Tensor, token_id: int | None) -> torch.Tensor | None:
     return None if token_id is None else (ids.view(-1) == token_id).nonzero()[:, 0]
 
@@ -88,6 +107,7 @@ def collate_samples(
     pad_token_id: int = 0,
     img_context_token_id: int | None = None,
     pixel_dtype: torch.dtype | None = None,
+    loss_reduction: str = "token",
 ) -> CollatedBatch:
     """Right-pad ``input_ids`` with ``pad_token_id`` and ``labels`` with IGNORE_INDEX; concatenate tiles.
 
@@ -95,7 +115,8 @@ def collate_samples(
     step needs to know about the batch (segment boundaries, trained positions and targets, image token
     positions when ``img_context_token_id`` is given, token counts) is computed here on the CPU, so
     the training step never reads a device tensor back. ``pixel_dtype`` casts the tiles (the compute
-    dtype: half the bytes to copy in bf16).
+    dtype: half the bytes to copy in bf16). ``loss_reduction`` weights the trained positions
+    (:func:`loss_weights`).
     """
     rows, skipped, overflow = [], [], 0
     for item in items:
@@ -120,6 +141,7 @@ def collate_samples(
     cu_seqlens = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     positions = torch.cat([torch.arange(s) for s in segments]).reshape(len(rows), length)
     loss_index = _loss_index(labels, cu_seqlens.long())
+    weights, weight_sum = loss_weights(loss_index, cu_seqlens, loss_reduction)
     pixels, flags = _tiles(rows)
     if pixel_dtype is not None:
         pixels = pixels.to(pixel_dtype)
@@ -135,9 +157,11 @@ def collate_samples(
         max_seqlen=max(segments),
         loss_index=loss_index,
         loss_targets=labels.reshape(-1)[loss_index + 1],
+        loss_weights=weights,
         image_token_index=_positions_of(ids, img_context_token_id),
         num_tokens=sum(r.num_tokens for r in rows),
         num_trained=int(loss_index.numel()),
+        loss_weight_sum=weight_sum,
     )
     indices = [i for r in rows for i in r.indices]
     return CollatedBatch(batch, skipped, sum(r.num_packed for r in rows), overflow, indices)

@@ -1,9 +1,16 @@
 """The training loop, in one fixed visible order per optimizer step:
 
-lr -> micro-steps (forward, token-sum loss / global trained tokens, backward, backend step) ->
+lr -> micro-steps (forward, weighted loss sum / global weight sum, backward, backend step) ->
 log -> skip check -> evaluation (every ``evaluation.interval`` steps and at the last one) -> checkpoint.
-The loss is normalised by the number of trained tokens across the whole accumulation window and all ranks,
-so every trained token weighs the same whatever the padding, the micro-batch split or the world size.
+
+The loss of a step is ``sum_t w(t) * CE(t) / sum_t w(t)`` over every trained token ``t`` of the whole
+accumulation window on all ranks, with ``w(t)`` set by ``schedule.loss_reduction`` (computed in collate):
+1 (``token``: the global token mean), ``1 / n`` (``sample``: every sample counts the same) or ``1 / sqrt(n)``
+(``square``, the InternVL 3.5 recipes), ``n`` being the trained tokens of ``t``'s sample, packed or not. The
+official code (OpenGVLab/InternVL internvl_chat_gpt_oss/internvl/model/internvl_chat/modeling_internvl_chat.py)
+divides each micro-batch by its own weight sum, averaged over the data-parallel ranks (in internvl_chat/ only
+with ``--loss_reduction_all_gather``), and the micro-steps are then averaged; here the normalisation is
+global, hence exact whatever the packing, the micro-batch split or the world size.
 """
 
 from __future__ import annotations
@@ -217,8 +224,11 @@ class Trainer:
         last backward: the global loss, whose finiteness decides (on every rank alike) whether to update."""
         device = self.dist.device
         inputs = [self._micro_inputs(cb) for cb in micro]
-        trained = torch.tensor(float(sum(b.num_trained for b, w in inputs if w)), device=device)
-        n_global = all_reduce_sum(trained).clamp(min=1.0)
+        used = [b for b, w in inputs if w]
+        local = [float(sum(b.num_trained for b in used)), sum(b.loss_weight_sum for b in used)]
+        n_global, w_global = all_reduce_sum(torch.tensor(local, device=device, dtype=torch.float64)).unbind()
+        # Every sample's weights sum to 1 (sample), sqrt(n) or n: a step that trains anything weighs at least 1.
+        w_global = w_global.clamp(min=1.0)
         loss_total, tokens = torch.zeros((), device=device, dtype=torch.float64), 0
         model_flops = 0.0
         for i, (batch, weight) in enumerate(inputs):
@@ -228,14 +238,14 @@ class Trainer:
                 model_flops += self.flops.of_batch(batch)  # from the CPU tensors: no device sync
             tokens += batch.num_tokens if weight else 0
             batch = batch.to(device, non_blocking=True)
-            out = self.backend.forward(**forward_inputs(batch))
+            out = self.backend.forward(**forward_inputs(batch), loss_weights=batch.loss_weights)
             loss_sum = out.loss_sum * weight
             # Backends average gradients over ranks; multiplying by world size makes it a global sum.
-            self.backend.backward((loss_sum * self.dist.world_size / n_global).float())
+            self.backend.backward((loss_sum * self.dist.world_size / w_global).float())
             loss_total += loss_sum.detach()
             if not boundary:
                 self.backend.step(False)
-        loss = float((all_reduce_sum(loss_total) / n_global).float())  # reported in float32
+        loss = float((all_reduce_sum(loss_total) / w_global).float())  # reported in float32
         # A non-finite loss skips the update; so does a non-finite gradient norm (the backends check it).
         grad_norm = self.backend.step(True, skip=not math.isfinite(loss))
         return {

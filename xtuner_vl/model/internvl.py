@@ -220,6 +220,7 @@ class InternVLChatModel(nn.Module):
         image_token_index: torch.Tensor | None = None,
         loss_index: torch.Tensor | None = None,
         loss_targets: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> InternVLOutput:
         """Official forward semantics: logits for every position; ``loss`` = mean next-token
@@ -227,7 +228,8 @@ class InternVLChatModel(nn.Module):
 
         Training form: with ``loss_index`` / ``loss_targets`` (flat trained positions and their next
         tokens, from collate) no logits are returned, only ``loss_sum``, computed by the chunked fp32
-        loss on those positions alone (:mod:`xtuner_vl.model.loss`). ``cu_seqlens`` / ``max_seqlen`` are
+        loss on those positions alone (:mod:`xtuner_vl.model.loss`), each weighted by ``loss_weights`` when
+        given (``loss_reduction`` sample / square). ``cu_seqlens`` / ``max_seqlen`` are
         the segment boundaries for the variable-length attention back-ends.
         """
         embeds = self.embed(pixel_values, input_ids, image_flags, image_token_index)
@@ -240,7 +242,7 @@ class InternVLChatModel(nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = lm.get_output_embeddings()
         if loss_index is not None:
-            return InternVLOutput(logits=None, loss_sum=head(flat[loss_index], loss_targets))
+            return InternVLOutput(logits=None, loss_sum=head(flat[loss_index], loss_targets, loss_weights))
         index = (labels.reshape(-1)[1:] != IGNORE_INDEX).nonzero().flatten()
         index = index[(index + 1) % labels.shape[1] != 0]  # a row's last token predicts no next row
         loss_sum = head(flat[index], labels.reshape(-1)[index + 1])

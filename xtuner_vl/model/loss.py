@@ -25,7 +25,8 @@ DEFAULT_CHUNK_ROWS = 1024
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T + bias``; gradients computed chunk by chunk in forward."""
+    """Summed (optionally weighted) cross-entropy of ``hidden @ weight.T + bias``; gradients computed chunk by
+    chunk in forward."""
 
     @staticmethod
     def forward(
@@ -34,6 +35,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         targets: torch.Tensor,
+        weights: torch.Tensor | None,
         chunk_rows: int,
     ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -46,14 +48,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+            w = None if weights is None else weights[start : start + chunk_rows].float()
             logits = F.linear(h, weight, bias).float()
-            total += F.cross_entropy(logits, t, reduction="none").double().sum()
+            ce = F.cross_entropy(logits, t, reduction="none").double()
+            total += (ce if w is None else ce * w.double()).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d(sum of cross-entropy) / d(logits) = softmax - one_hot, in fp32, then in the weights' dtype
             # for the two products, as autograd's backward of `linear(...).float()` would do.
             grad = logits.softmax(-1)
             grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            if w is not None:
+                grad *= w[:, None]
             del logits
             if need_b:
                 grad_b += grad.sum(0)
@@ -73,30 +79,37 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * scale).to(ctx.dtypes[0]) if grad_w is not None else None
         out_b = (grad_b * scale).to(ctx.dtypes[1]) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None
+        return out_h, out_w, out_b, None, None, None
 
 
 def chunked_cross_entropy_sum(
-    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    targets: torch.Tensor,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum_i cross_entropy(head(hidden[i]), targets[i])`` in float64, ``chunk_rows`` rows of logits at a
-    time. Reads ``head``'s weight directly: under ZeRO-3 call it from the head's forward
-    (:class:`OutputHead`), where the weight is gathered."""
-    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_rows)
+    """``sum_i w_i * cross_entropy(head(hidden[i]), targets[i])`` in float64 (``w_i`` = ``weights[i]``, 1 when
+    None), ``chunk_rows`` rows of logits at a time. Reads ``head``'s weight directly: under ZeRO-3 call it from
+    the head's forward (:class:`OutputHead`), where the weight is gathered."""
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, weights, chunk_rows)
 
 
 class OutputHead(nn.Linear):
     """The LLM's output projection (same parameters and state-dict keys as the ``nn.Linear`` it replaces).
 
-    ``head(hidden)`` gives logits; ``head(hidden, targets)`` gives the summed chunked cross-entropy.
+    ``head(hidden)`` gives logits; ``head(hidden, targets)`` gives the summed chunked cross-entropy, and
+    ``head(hidden, targets, weights)`` its per-position weighted sum (``loss_reduction`` sample / square).
     """
 
     chunk_rows = DEFAULT_CHUNK_ROWS
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if targets is None:
             return super().forward(hidden)
-        return chunked_cross_entropy_sum(hidden, self, targets, self.chunk_rows)
+        return chunked_cross_entropy_sum(hidden, self, targets, self.chunk_rows, weights)
 
     @classmethod
     def adopt(cls, linear: nn.Linear) -> OutputHead:

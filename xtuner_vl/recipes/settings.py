@@ -68,6 +68,13 @@ class ScheduleSettings:
     max_steps: int | None = None  # overrides epochs when set
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
+    # Weight of each trained token in the step's loss (official --loss_reduction): token (1, the token mean),
+    # sample (1 / n, n = trained tokens of its sample) or square (1 / sqrt(n), the InternVL 3.5 recipes).
+    loss_reduction: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.loss_reduction not in ("token", "sample", "square"):
+            raise ValueError(f"schedule.loss_reduction must be token, sample or square, got {self.loss_reduction!r}")
 
 
 @dataclass

@@ -145,6 +145,7 @@ def train(
         pad_token_id=pad_id,
         img_context_token_id=img_context_token_id(tokenizer),
         pixel_dtype=resolve_dtype(model_s.dtype, d.device),
+        loss_reduction=sched.loss_reduction,  # the per-token weights; the eval loss stays the token mean
     )
 
     def make_loader():
