@@ -130,9 +130,8 @@ class _TokenStreamer(BaseStreamer):
 
     def _closed(self) -> list[int]:
         """The tokens up to the last one that is not a byte piece."""
-        pieces = self.tokenizer.convert_ids_to_tokens(self.tokens)
-        end = len(pieces)
-        while end and _BYTE_PIECE.fullmatch(str(pieces[end - 1])):
+        end = len(self.tokens)  # only the trailing pieces are looked at: each call is O(bytes held back)
+        while end and _BYTE_PIECE.fullmatch(str(self.tokenizer.convert_ids_to_tokens(self.tokens[end - 1]))):
             end -= 1
         return self.tokens[:end]
 

@@ -121,9 +121,10 @@ class InternVLChat:
         """Refuse wrong types and contradictory settings before anything is loaded."""
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"config model.path must be a directory path, got {self.path!r}")
-        for name in ("gradient_checkpointing",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"config model.{name} must be true/false, got {getattr(self, name)!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(
+                f"config model.gradient_checkpointing must be true/false, got {self.gradient_checkpointing!r}"
+            )
         if self.quantization is not None and self.quantization.llm not in _QUANT_TYPES:
             raise ValueError(
                 f"config model.quantization.llm must be one of {_QUANT_TYPES}, got {self.quantization.llm!r}"
