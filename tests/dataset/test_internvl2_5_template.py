@@ -120,3 +120,11 @@ def test_other_templates_drop_a_leading_gpt_turn(tokenizers, template, family):
     plain = tokenize_conversation(conv, tok, template)
     dropped = tokenize_conversation([_turn("gpt", "Hi!"), *conv], tok, template)
     assert all((a == b).all() for a, b in zip(plain, dropped, strict=True))
+
+
+def test_thinking_system_preset():
+    """``system_message="internvl3_5_thinking"`` names the InternVL3.5 R1 system prompt; any other text is kept."""
+    from xtuner_vl.dataset.templates import THINKING_SYSTEM_PROMPT, get_template
+
+    assert get_template("internvl2_5", "internvl3_5_thinking").system_message == THINKING_SYSTEM_PROMPT
+    assert get_template("internvl2_5", "Be brief.").system_message == "Be brief."

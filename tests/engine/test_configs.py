@@ -22,6 +22,9 @@ from xtuner_vl.tiny.data import make_synthetic_dataset
 CONFIGS = list_configs()
 # The tiny checkpoint of the same LLM family as each shipped config.
 FAMILY = {
+    "qwen3_moe": "internvl3_5-30b-a3b",
+    "qwen3": "internvl3_5-1b",
+    "qwen2_5": "internvl2_5-1b",
     "internlm2_5": "internvl2-8b",
     "internlm2_26b": "internvl2-26b",
     "internlm2": "internvl2-2b",
@@ -53,12 +56,27 @@ def test_config_tree_is_complete():
         for model in models:
             for method in ("full", "lora", "qlora"):
                 assert f"{version}_{model}_{method}" in names
+    new_wave = {
+        "internvl_v2_5": ["internlm2_5_8b"],
+        "internvl_v3": [f"qwen2_5_{b}b" for b in (1, 2, 8, 14, 38, 78)],
+        "internvl_v3_5": [f"qwen3_{b}b" for b in (1, 2, 4, 8, 14, 38)] + ["qwen3_moe_30b_a3b", "qwen3_moe_241b_a28b"],
+    }
+    for version, models in new_wave.items():
+        for model in models:
+            # 4-bit weights of a 235B LLM (~130 GB) fit no GPU unsharded: no QLoRA config for 241B-A28B
+            methods = ("full", "lora") if "241b" in model else ("full", "lora", "qlora")
+            for method in methods:
+                assert f"{version}_{model}_{method}" in names
     assert {"tiny_internvl2_lora", "tiny_internvl2_full", "tiny_internvl2_qlora"} <= names
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_synthetic_dataset(tmp_path_factory.mktemp("cfg-data"), num_samples=8)
+
+
+# (tiny family, method, trained parts) already built: the model is built once per kind, every config still parses.
+_BUILT: set[tuple] = set()
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("tiny")])
@@ -80,21 +98,31 @@ def test_shipped_config_builds_with_tiny_model(name, tiny_ckpt, data, monkeypatc
     parse_section(DataLoaderSettings, cfg.dataloader, "dataloader")
     runtime = parse_section(RuntimeSettings, cfg.runtime, "runtime")
     assert runtime.deepspeed in ("zero1", "zero2", "zero3")
-    assert optim.lr in (2e-5, 4e-5) and optim.weight_decay in (0.01, 0.05)
+    assert optim.lr in (1e-5, 2e-5, 4e-5, 8e-5) and optim.weight_decay in (0.01, 0.05)
     assert sched.global_batch_size % sched.micro_batch_size == 0
-    model = model_s.build(torch.device("cpu"))
-    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert "vision_model" not in trainable and "mlp1" in trainable and "language_model" in trainable
-    if model_s.llm_lora_rank:
-        assert all("lora_" in n for n, p in model.language_model.named_parameters() if p.requires_grad)
     if model_s.quantization is not None:
-        assert any(type(m).__name__ == "Linear4bit" for m in model.language_model.modules())
+        assert runtime.deepspeed != "zero3"  # 4-bit weights cannot be partitioned
+    if name.startswith("internvl_v3_5"):  # the official 3.5 SFT data and loss (internvl3_5_*_sft.sh)
+        assert sched.loss_reduction == "square" and cfg.dataloader.pack and cfg.dataloader.pack_length == 32768
     dataset = DATASETS.build({"model_path": str(path), **cfg.train_dataset, "tokenizer": load_tokenizer(path)})
     assert len(dataset) == 8 and dataset[0].input_ids.numel() > 0
     ds = complete_deepspeed_config(
         load_deepspeed_config(runtime.deepspeed), sched.micro_batch_size, 2, 8, optim.max_grad_norm, True, 64
     )
     assert ds["train_batch_size"] == sched.micro_batch_size * 16 and ds["bf16"]["enabled"] is True
+    f = model_s.freeze
+    expected = {"language_model"} | ({"vision_model"} if not f.vit else set()) | ({"mlp1"} if not f.mlp else set())
+    kind = (_tiny_for(name), model_s.method, tuple(sorted(expected)))
+    if kind in _BUILT:
+        return
+    _BUILT.add(kind)
+    model = model_s.build(torch.device("cpu"))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == expected
+    if model_s.llm_lora_rank:
+        assert all("lora_" in n for n, p in model.language_model.named_parameters() if p.requires_grad)
+    if model_s.quantization is not None:
+        assert any(type(m).__name__ == "Linear4bit" for m in model.language_model.modules())
 
 
 def test_config_name_resolution_and_unknown_keys(tmp_path):

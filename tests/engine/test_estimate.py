@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ from xtuner_vl.model import load_internvl
 from xtuner_vl.model.configuration import read_config
 from xtuner_vl.model.loader import build_empty_model
 from xtuner_vl.model.releases import release_config, release_names, resolve_model_config
-from xtuner_vl.recipes.config import list_configs
-from xtuner_vl.recipes.estimate import estimate, layer_spec
+from xtuner_vl.recipes.config import list_configs, load_config
+from xtuner_vl.recipes.estimate import count_parameters, estimate, layer_spec
 from xtuner_vl.recipes.model_wrapper import InternVLChat
 
 TINY = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_{}.py")
@@ -302,8 +303,23 @@ PUBLISHED = {  # total parameters, billions (Hugging Face model cards / safetens
     "Mini-InternVL-Chat-4B-V1-5": 4.15,
     "InternVL2_5-1B": 0.94,
     "InternVL3-1B": 0.94,
+    "InternVL2_5-8B": 8.08,
+    "InternVL3-2B": 2.09,
+    "InternVL3-8B": 7.94,
+    "InternVL3-14B": 15.1,
+    "InternVL3-38B": 38.4,
+    "InternVL3-78B": 78.4,
     "InternVL3_5-1B": 1.06,  # untied head: the InternVL3.5 docs' 0.8B language / 1.1B total
+    "InternVL3_5-2B": 2.35,
+    "InternVL3_5-4B": 4.73,
+    "InternVL3_5-8B": 8.53,
+    "InternVL3_5-14B": 15.1,
+    "InternVL3_5-38B": 38.4,
+    "InternVL3_5-30B-A3B": 30.8,  # InternVL3.5 docs: 0.3B vision + 30.5B language
+    "InternVL3_5-241B-A28B": 240.7,  # 5.5B vision + 235.1B language
 }
+# MoE releases: billions active per token (the "A3B" / "A28B" of their names; Qwen3-30B-A3B activates 3.3B).
+ACTIVE = {"InternVL3_5-30B-A3B": 3.67, "InternVL3_5-241B-A28B": 27.8}
 
 
 def test_release_totals_match_published_figures():
@@ -311,8 +327,10 @@ def test_release_totals_match_published_figures():
     for name, billions in PUBLISHED.items():
         config, release = resolve_model_config(f"/nowhere/{name.lower()}")  # basename, case-insensitive
         assert release == name
-        total = sum(p.numel() for p in build_empty_model(config, attn_implementation="sdpa").parameters())
+        row = count_parameters(build_empty_model(config, attn_implementation="sdpa"), set(), 2)[-1]
+        total = row.total
         assert abs(total / 1e9 - billions) / billions < 0.02, (name, total)
+        assert row.active / 1e9 == pytest.approx(ACTIVE.get(name, total / 1e9), rel=0.02), (name, row.active)
         assert release_config(name)["_model_card_size_b"] == pytest.approx(billions, rel=0.05)
 
 
@@ -329,17 +347,40 @@ def _run(capsys, *args) -> str:
     return capsys.readouterr().out
 
 
+def _representatives() -> set[str]:
+    """One config per release directory and method: those run on their release's real architecture (on the meta
+    device); the others on the tiny model of their family. MoE LoRA configs always take the tiny model: peft wraps
+    every expert's linears one by one (18,624 in 30B-A3B, about a minute)."""
+    seen, chosen = set(), set()
+    for name in list_configs():
+        key = (name.rsplit("_", 2)[0], name.rsplit("_", 1)[1])
+        if key not in seen and "moe" not in name:
+            seen.add(key)
+            chosen.add(name)
+    return chosen
+
+
+REPRESENTATIVES = _representatives()
+
+
 @pytest.mark.parametrize("name", list_configs())
 def test_cli_on_every_shipped_config(name, capsys, tiny_ckpt):
-    extra = ["--cfg-options", f"model.path={tiny_ckpt('internvl2-2b')}"] if name.startswith("tiny") else []
+    from tests.engine.test_configs import _tiny_for
+
+    real = name in REPRESENTATIVES
+    if not name.startswith("tiny"):  # every shipped config names a shipped release architecture
+        assert release_config(Path(load_config(name).model.path).name) is not None, name
+    family = "internvl2-2b" if name.startswith("tiny") else _tiny_for(name)
+    extra = [] if real else ["--cfg-options", f"model.path={tiny_ckpt(family)}"]
     out = _run(capsys, name, *extra)
     for row in ("vision_model", "mlp1", "language_model", "total", "ZeRO-3", "Summary: fits in"):
         assert row in out
     total_row = next(line for line in out.splitlines() if line.startswith("  total "))
     assert int(total_row.split()[1].replace(",", "")) > 0
+    assert ("active per token" in total_row) is ("moe" in name)
     marked = [line for line in out.splitlines() if line.startswith("* ")]
     assert len(marked) == 1  # the config's own backend
-    if not name.startswith("tiny"):
+    if real and not name.startswith("tiny"):
         assert "shipped architecture of release" in out
 
 

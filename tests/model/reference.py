@@ -142,7 +142,7 @@ def _llm(sd, lc, embeds, attention_mask, state):
             )
             k = F.linear(y, sd[lp + "self_attn.k_proj.weight"], sd.get(lp + "self_attn.k_proj.bias")).view(b, n, kv, hd)
             v = F.linear(y, sd[lp + "self_attn.v_proj.weight"], sd.get(lp + "self_attn.v_proj.bias")).view(b, n, kv, hd)
-            if arch == "Qwen3ForCausalLM":  # RMSNorm of each head's q and k, before rotary
+            if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):  # RMSNorm of each head's q and k, before rotary
                 q, k = (
                     _rms(q, sd[lp + "self_attn.q_norm.weight"], eps),
                     _rms(k, sd[lp + "self_attn.k_norm.weight"], eps),
@@ -162,6 +162,9 @@ def _llm(sd, lc, embeds, attention_mask, state):
             continue
         x = x + F.linear(o, sd[lp + "self_attn.o_proj.weight"])
         y = _rms(x, sd[lp + "post_attention_layernorm.weight"], eps)
+        if lp + "mlp.gate.weight" in sd:  # Qwen3-MoE sparse block
+            x = x + _moe(sd, lc, lp + "mlp.", y)
+            continue
         if arch == "Phi3ForCausalLM":
             gate, up = F.linear(y, sd[lp + "mlp.gate_up_proj.weight"]).chunk(2, -1)
         else:
@@ -171,6 +174,28 @@ def _llm(sd, lc, embeds, attention_mask, state):
     if lc.get("tie_word_embeddings") and arch != "InternLM2ForCausalLM":  # no head stored: the embedding is it
         emb_out = pre + "embed_tokens.weight"
     return F.linear(x, sd[emb_out])
+
+
+def _moe(sd, lc, mp, y):
+    """transformers 4.55 Qwen3MoeSparseMoeBlock (the InternVL 3.5 code's): every expert on every token, then
+    each token's top-k experts by softmax router probability (renormalised if norm_topk_prob) mixed."""
+    probs = F.linear(y, sd[mp + "gate.weight"]).float().softmax(-1)
+    top_p, top_i = probs.topk(lc["num_experts_per_tok"], dim=-1)
+    if lc.get("norm_topk_prob"):
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    outs = torch.stack(
+        [
+            F.linear(
+                F.silu(F.linear(y, sd[f"{mp}experts.{e}.gate_proj.weight"]))
+                * F.linear(y, sd[f"{mp}experts.{e}.up_proj.weight"]),
+                sd[f"{mp}experts.{e}.down_proj.weight"],
+            )
+            for e in range(lc["num_experts"])
+        ],
+        -2,
+    )  # [b, n, experts, hidden]
+    picked = torch.gather(outs, -2, top_i[..., None].expand(*top_i.shape, outs.shape[-1]))
+    return (picked * top_p.to(y.dtype)[..., None]).sum(-2)
 
 
 def reference_logits(sd, cfg, pixel_values, input_ids, attention_mask, image_flags, img_context_id, state=None):

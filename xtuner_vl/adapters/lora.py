@@ -7,17 +7,41 @@ on ``language_model`` / ``vision_model``), so adapter keys match an official che
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from xtuner_vl.model.llm import LORA_TARGETS
+from xtuner_vl.model.moe import is_moe
 
 __all__ = ["VIT_LORA_TARGETS", "apply_lora", "merge_lora", "lora_state_dict"]
 
 VIT_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+@contextlib.contextmanager
+def _per_expert_targets(llm: nn.Module) -> Iterator[None]:
+    """Keep peft from retargeting a MoE LLM's LoRA to fused expert tensors while it wraps ``llm``.
+
+    With transformers 5, peft rewrites the targets of MoE model types (``qwen3_moe``, ...) from the per-expert
+    ``gate_proj`` / ``up_proj`` / ``down_proj`` of transformers 4 to the fused 3-D parameters transformers 5 builds
+    (``peft/utils/transformers_weight_conversion.py``). Our Qwen3-MoE keeps the per-expert linears of the
+    official checkpoints (:mod:`xtuner_vl.model.moe`), so that rewrite would leave every expert without LoRA.
+    peft keys it on ``config.model_type``, which is hidden for the duration of the wrap (narrowly: this one
+    attribute, restored at once)."""
+    config = llm.config
+    if not is_moe(llm):
+        yield
+        return
+    config.model_type = None
+    try:
+        yield
+    finally:
+        del config.model_type  # back to the class's own value
 
 
 def apply_lora(
@@ -45,7 +69,8 @@ def apply_lora(
             # peft reads transformers' `is_gradient_checkpointing`, renamed in transformers 5 (a
             # FutureWarning per process that says nothing to our users); only that warning is hidden.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model.language_model = get_peft_model(model.language_model, cfg)
+            with _per_expert_targets(model.language_model):
+                model.language_model = get_peft_model(model.language_model, cfg)
         # Inputs are embeddings we build; make them require grad so checkpointed layers backpropagate.
         model.language_model.enable_input_require_grads()
     if vit_rank:

@@ -1,12 +1,20 @@
 """Official InternVL directory -> transformers-native ``InternVLForConditionalGeneration`` directory.
 
-transformers implements InternVL natively (no remote code) for ``ps_version`` v2 with a Llama, Qwen2 (or other
-AutoModel) text model. This module writes such a directory from an official one, one tensor at a time:
+transformers implements InternVL natively (no remote code) for ``ps_version`` v2 with any AutoModel text model;
+InternLM2 (as Llama), Qwen2 / Qwen2.5, Llama, Qwen3 and Qwen3-MoE backbones are exported. This module writes such a
+directory from an official one, one tensor at a time:
 
 - weights: ``vision_model`` -> ``model.vision_tower`` (``attn.qkv`` split into ``q/k/v_proj``), ``mlp1`` ->
   ``model.multi_modal_projector``, ``language_model.model`` -> ``model.language_model``,
   ``language_model.lm_head`` / ``.output`` -> ``lm_head``; InternLM2 layers renamed onto Llama's
-  (``wqkv`` split per KV group, see :func:`split_wqkv`);
+  (``wqkv`` split per KV group, see :func:`split_wqkv`). Qwen3-MoE experts keep their per-expert keys
+  (``mlp.experts.E.{gate,up,down}_proj.weight``, as the transformers 4.x-saved OpenGVLab ``*-HF`` repos hold
+  them): transformers 5 fuses them at load time (the ``qwen3_moe`` -> ``qwen2_moe`` entry of its
+  ``conversion_mapping.py``) and its ``save_pretrained`` writes them per expert again;
+- tied head (``llm_config.tie_word_embeddings`` true, which the InternVL3.5 code honours for transformers-native
+  backbones, see :mod:`xtuner_vl.model.llm`): the official checkpoint stores no head, and the hf config ties it
+  (top-level ``tie_word_embeddings``, the flag transformers 5 reads for ``InternVLForConditionalGeneration``, and
+  the text config's);
 - config.json: ``InternVLConfig`` (vision fields translated, text config of the backbone's transformers type),
   plus ``internvl_chat_config``: the official top-level fields, so ``--from-hf`` can restore them;
 - tokenizer and processor: a ``tokenizer.json`` (the fast pipeline of :func:`xtuner_vl.model.load_tokenizer`:
@@ -70,7 +78,7 @@ from xtuner_vl.dataset.templates import get_template
 from xtuner_vl.model.configuration import InternVLConfig as OfficialConfig
 from xtuner_vl.model.configuration import VisionConfig, read_config
 from xtuner_vl.model.internlm2 import LLAMA_SHARED_FIELDS
-from xtuner_vl.model.llm import build_llm_config
+from xtuner_vl.model.llm import build_llm_config, is_tied
 from xtuner_vl.model.sentencepiece_fast import NonLegacyLlamaTokenizerFast
 from xtuner_vl.model.tokenizer import IMG_CONTEXT_TOKEN, img_context_token_id, load_tokenizer
 from xtuner_vl.model.weights import atomic_write_text
@@ -89,7 +97,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HF_LLM_ARCHS = ("InternLM2ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+HF_LLM_ARCHS = (
+    "InternLM2ForCausalLM",
+    "Qwen2ForCausalLM",
+    "LlamaForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 OFFICIAL_FIELDS_KEY = "internvl_chat_config"  # official top-level config fields kept in the hf config.json
 # Names transformers' InternVLProcessor reads from the tokenizer.
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": IMG_CONTEXT_TOKEN}
@@ -194,7 +208,8 @@ def _vision_config(raw_vision: dict[str, Any]) -> InternVLVisionConfig:
 
 
 def hf_config(raw: dict[str, Any], image_token_id: int) -> InternVLConfig:
-    """transformers' ``InternVLConfig`` equivalent to the official config.json ``raw``."""
+    """transformers' ``InternVLConfig`` equivalent to the official config.json ``raw`` (text config of the
+    backbone's transformers type, e.g. ``Qwen3Config``; head tied as the official ``llm_config`` ties it)."""
     llm = raw["llm_config"]
     if llm["architectures"][0] == "InternLM2ForCausalLM":
         text = _internlm2_text_config(llm)
@@ -210,7 +225,7 @@ def hf_config(raw: dict[str, Any], image_token_id: int) -> InternVLConfig:
         projector_hidden_act="gelu",
         vision_feature_layer=cfg.select_layer,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+        tie_word_embeddings=is_tied(llm),
     )
     config.architectures = ["InternVLForConditionalGeneration"]
     config.dtype = raw.get("torch_dtype", "bfloat16")

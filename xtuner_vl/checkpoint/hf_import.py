@@ -6,6 +6,16 @@ forward mapping (:func:`~xtuner_vl.checkpoint.hf_export.hf_tensors`) gives it: r
 concatenated into ``attn.qkv``, InternLM2 ``q/k/v_proj`` re-packed into the grouped ``wqkv``. Values and dtype
 are kept, so hf -> official after official -> hf is bitwise identical.
 
+Qwen3-MoE experts: our export and transformers 5's ``save_pretrained`` (default ``save_original_format=True``,
+which reverts the ``qwen2_moe`` conversion of ``transformers/conversion_mapping.py``) write per-expert
+``mlp.experts.E.{gate,up,down}_proj.weight``; ``save_original_format=False`` writes transformers 5's fused
+``mlp.experts.gate_up_proj`` [E, 2 I, H] (gate rows, then up rows) and ``mlp.experts.down_proj`` [E, H, I]. Both
+are read; a fused one is sliced per expert without loading it whole.
+
+Tied head: transformers 5 ties ``lm_head`` to the embedding when the top-level ``tie_word_embeddings`` says so
+(``InternVLConfig`` defaults to true) and the directory has no ``lm_head.weight`` or one equal to the embedding;
+the official directory is then tied too (no ``lm_head.weight``; only the transformers-native backbones can be).
+
 With ``base_dir`` (the official release the model came from) its config.json is the template (with the
 official fields the hf directory recorded) and its tokenizer, generation and remote-code files are copied;
 without it the official config is rebuilt from the hf config and the hf tokenizer files are copied.
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,19 +33,36 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
+from transformers import CONFIG_MAPPING
 
 from xtuner_vl.checkpoint.hf_export import OFFICIAL_FIELDS_KEY, hf_tensors
 from xtuner_vl.checkpoint.stream import ShardWriter
 from xtuner_vl.checkpoint.trained import CheckpointError
 from xtuner_vl.model.configuration import InternVLConfig as OfficialConfig
 from xtuner_vl.model.internlm2 import LLAMA_SHARED_FIELDS
+from xtuner_vl.model.internvl import official_state_dict
+from xtuner_vl.model.llm import is_tied
 from xtuner_vl.model.loader import build_empty_model
 from xtuner_vl.model.saver import copy_support_files
 from xtuner_vl.model.weights import atomic_write_text, weight_files
 
 __all__ = ["hf_to_official", "official_config_from_hf", "pack_wqkv"]
 
-_TEXT_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_TEXT_ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+# InternVL3.5 (Qwen3 / Qwen3-MoE) releases all use the internvl2_5 template; Qwen2 ones are InternVL2 (Hermes-2)
+# or InternVL2.5 / 3 (internvl2_5), so a Qwen2 directory without recorded fields keeps Hermes-2.
+_DEFAULT_TEMPLATES = {
+    "InternLM2ForCausalLM": "internlm2-chat",
+    "Qwen3ForCausalLM": "internvl2_5",
+    "Qwen3MoeForCausalLM": "internvl2_5",
+}
+_HEAD, _EMBEDDING = "lm_head.weight", "model.language_model.embed_tokens.weight"
+_EXPERT = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 _INTERNLM2_AUTO_MAP = {
     "AutoConfig": "configuration_internlm2.InternLM2Config",
     "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
@@ -84,7 +112,11 @@ def _llm_config(text: dict[str, Any], arch: str, dtype: str) -> dict[str, Any]:
             bias=bool(text.get("attention_bias")),
         )
     else:
-        llm = {k: v for k, v in text.items() if k not in _HF_ONLY_TEXT}
+        # transformers 5 writes some fields under another name (Qwen3-MoE's num_experts as num_local_experts, its
+        # attribute_map); the official code runs on transformers 4.x, which reads the original names.
+        aliases = CONFIG_MAPPING[text["model_type"]].attribute_map if text["model_type"] in CONFIG_MAPPING else {}
+        renamed = {v: k for k, v in aliases.items()}
+        llm = {renamed.get(k, k): v for k, v in text.items() if k not in _HF_ONLY_TEXT}
         llm.update(architectures=[arch], model_type=text["model_type"])
     llm.update(rope_theta=theta, rope_scaling=scaling, torch_dtype=dtype, tie_word_embeddings=False)
     return llm
@@ -116,8 +148,19 @@ def _vision_config(vision: dict[str, Any], dtype: str) -> dict[str, Any]:
     }
 
 
+def _set_tied(raw: dict[str, Any], tied: bool) -> None:
+    """Write ``tied`` into ``llm_config`` and the top level (where the official config has the field)."""
+    for d in (raw["llm_config"], raw):
+        if tied or "tie_word_embeddings" in d:
+            d["tie_word_embeddings"] = tied
+
+
 def official_config_from_hf(hf: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The official config.json for the hf config.json ``hf`` (template: ``base``'s config.json, if given).
+
+    The head is tied as transformers 5 ties it by config: top-level ``tie_word_embeddings`` (default true), for
+    the backbones whose official code honours it; :func:`hf_to_official` unties it when the weights hold a head
+    that differs from the embedding.
 
     Raises:
         CheckpointError: the hf directory is not an InternVL one, or its text model has no official backbone.
@@ -136,7 +179,7 @@ def official_config_from_hf(hf: dict[str, Any], base: dict[str, Any] | None = No
         raw = copy.deepcopy(base)
         raw.update(recorded)
     else:
-        default_template = "internlm2-chat" if arch == "InternLM2ForCausalLM" else "Hermes-2"
+        default_template = _DEFAULT_TEMPLATES.get(arch, "Hermes-2")
         raw = {
             "architectures": ["InternVLChatModel"],
             "auto_map": _INTERNVL_AUTO_MAP,
@@ -163,6 +206,7 @@ def official_config_from_hf(hf: dict[str, Any], base: dict[str, Any] | None = No
     for sub in ("vision_config", "llm_config"):
         if "torch_dtype" in raw[sub]:
             raw[sub]["torch_dtype"] = dtype
+    _set_tied(raw, is_tied({**raw["llm_config"], "tie_word_embeddings": hf.get("tie_word_embeddings", True)}))
     return raw
 
 
@@ -177,13 +221,35 @@ class _HfTensors:
             with safe_open(str(file), framework="pt") as f:
                 self.files.update(dict.fromkeys(f.keys(), file))
 
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name)
+    def get(self, name: str | tuple[str, int, str]) -> torch.Tensor:
+        """A tensor by name, or ``(fused name, expert, projection)``: one expert's slice of a fused tensor."""
+        if isinstance(name, str):
+            with safe_open(str(self.files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+        fused, index, proj = name
+        with safe_open(str(self.files[fused]), framework="pt") as f:
+            part = f.get_slice(fused)
+            if proj == "down":
+                return part[index]
+            half = part.get_shape()[1] // 2  # gate_up_proj [E, 2 I, H]: gate rows, then up rows
+            return part[index, :half] if proj == "gate" else part[index, half:]
+
+
+def _sources(names: list[str], present: set[str]) -> list[str | tuple[str, int, str]]:
+    """Where the hf names of one official tensor are read: themselves, or a per-expert name's slice of the
+    fused ``experts.gate_up_proj`` / ``experts.down_proj`` of transformers 5 when only those are present."""
+    if len(names) != 1 or names[0] in present or not (m := _EXPERT.match(names[0])):
+        return list(names)
+    fused = f"{m['experts']}.{'down' if m['proj'] == 'down' else 'gate_up'}_proj"
+    return [(fused, int(m["index"]), m["proj"])] if fused in present else list(names)
+
+
+def _name(source: str | tuple[str, int, str]) -> str:
+    return source if isinstance(source, str) else source[0]
 
 
 def _official_tensor(
-    key: str, names: list[str], meta: torch.Tensor, llm: dict[str, Any], hf: _HfTensors
+    key: str, names: list[str | tuple[str, int, str]], meta: torch.Tensor, llm: dict[str, Any], hf: _HfTensors
 ) -> torch.Tensor:
     parts = [hf.get(name) for name in names]
     if len(parts) == 1:
@@ -225,12 +291,19 @@ def hf_to_official(
     hf_raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
     base_raw = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8")) if base_dir else None
     raw = official_config_from_hf(hf_raw, base_raw)
-    expected = build_empty_model(OfficialConfig.from_dict(raw), img_context_token_id=0).state_dict()
-    llm = raw["llm_config"]
-    plan = {key: [name for name, _ in hf_tensors(key, meta, llm)] for key, meta in expected.items()}
     tensors = _HfTensors(src)
-    wanted = {name for names in plan.values() for name in names}
-    missing, unused = sorted(wanted - set(tensors.files)), sorted(set(tensors.files) - wanted)
+    present = set(tensors.files)
+    alias = set()  # a head equal to the tied embedding: transformers ties it, the official directory omits it
+    if is_tied(raw["llm_config"]) and {_HEAD, _EMBEDDING} <= present:
+        if torch.equal(tensors.get(_HEAD), tensors.get(_EMBEDDING)):
+            alias = {_HEAD}
+        else:  # transformers does not tie a head that differs from the embedding (it warns), nor do we
+            _set_tied(raw, False)
+    expected = official_state_dict(build_empty_model(OfficialConfig.from_dict(raw), img_context_token_id=0))
+    llm = raw["llm_config"]
+    plan = {key: _sources([name for name, _ in hf_tensors(key, meta, llm)], present) for key, meta in expected.items()}
+    wanted = {_name(source) for sources in plan.values() for source in sources} | alias
+    missing, unused = sorted(wanted - present), sorted(present - wanted)
     if missing or unused:
         raise CheckpointError(
             f"{src}: weights do not match the official {llm['architectures'][0]} model of its config: "

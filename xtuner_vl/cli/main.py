@@ -146,6 +146,7 @@ def _chat(args: argparse.Namespace) -> int:
             args.max_new_tokens,
             args.num_frames,
             prompt_log=args.prompt_log,
+            system_message=args.system,
         )
     except ValueError as e:  # unreadable image / video, <image> placeholders that do not match the inputs
         print(f"xtuner-vl chat: error: {e}", file=sys.stderr)
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     from xtuner_vl.recipes.config import DictAction
     from xtuner_vl.tiny.checkpoints import TINY_FAMILIES
 
-    parser = argparse.ArgumentParser(prog="xtuner-vl", description="Fine-tune InternVL 1.5 / 2 models.")
+    parser = argparse.ArgumentParser(prog="xtuner-vl", description="Fine-tune InternVL 1.5 / 2 / 2.5 / 3 / 3.5 models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a config (file, or name of a shipped config: list-cfg)")
@@ -245,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--prompt-log", default=None, help="append each turn's prompt, token ids and answer (JSON lines)")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="system message instead of the checkpoint's; internvl3_5_thinking: the InternVL3.5 thinking prompt",
+    )
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official InternVL format")

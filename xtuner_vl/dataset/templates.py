@@ -20,7 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SYSTEM_MESSAGES", "TEMPLATE_NAMES", "VERSIONS", "Template", "get_template"]
+__all__ = [
+    "SYSTEM_MESSAGES",
+    "SYSTEM_PRESETS",
+    "THINKING_SYSTEM_PROMPT",
+    "TEMPLATE_NAMES",
+    "VERSIONS",
+    "Template",
+    "get_template",
+    "resolve_system_message",
+]
 
 _INTERNVL2_SYSTEM = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -28,6 +37,22 @@ _INTERNVL2_SYSTEM = (
 _INTERNVL2_5_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
+
+# InternVL3.5 "thinking" mode: the R1_SYSTEM_PROMPT of the InternVL3.5 model cards (``model.system_message =
+# R1_SYSTEM_PROMPT``) and of OpenGVLab/InternVL internvl_chat_gpt_oss/internvl/train/internvl_chat_mpo.py, stripped as
+# the model cards use it. The model then reasons inside <think>...</think> before its answer.
+THINKING_SYSTEM_PROMPT = (
+    "You are an AI assistant that rigorously follows this response protocol:\n\n"
+    "1. First, conduct a detailed analysis of the question. Consider different angles, potential solutions, and "
+    "reason through the problem step-by-step. Enclose this entire thinking process within <think> and </think> "
+    "tags.\n\n"
+    "2. After the thinking section, provide a clear, concise, and direct answer to the user's question. Separate the "
+    "answer from the think section with a newline.\n\n"
+    "Ensure that the thinking process is thorough but remains focused on the query. The final answer should be "
+    "standalone and not reference the thinking section."
+)
+# Names a config's ``system_message`` (or ``chat --system``) may give instead of the text.
+SYSTEM_PRESETS = {"internvl3_5_thinking": THINKING_SYSTEM_PROMPT}
 
 VERSIONS = ("internvl1_5", "internvl2")
 
@@ -112,7 +137,8 @@ def get_template(name: str, system_message: str | None = None, version: str = "i
         name: ``internlm2-chat``, ``Hermes-2``, ``phi3-chat`` or ``internvl2_5`` (a checkpoint's
             ``config.json`` ``template``).
         system_message: overrides the release default when given (a config's ``system_message``); ``""``
-            keeps an empty system block, as the official code does.
+            keeps an empty system block, as the official code does; ``"internvl3_5_thinking"`` is the InternVL3.5
+            thinking prompt (:data:`THINKING_SYSTEM_PROMPT`).
         version: ``"internvl2"`` (InternVL2 defaults) or ``"internvl1_5"`` (the messages InternVL-Chat-V1-5
             and Mini-InternVL-V1-5 were trained with). ``internvl2_5`` has one message for both.
 
@@ -128,4 +154,9 @@ def get_template(name: str, system_message: str | None = None, version: str = "i
         raise ValueError(f"unknown release version {version!r}; known versions: {', '.join(VERSIONS)}")
     if system_message is None:
         system_message = SYSTEM_MESSAGES[version][name]
-    return Template(name=name, system_message=system_message, **_TEMPLATES[name])
+    return Template(name=name, system_message=resolve_system_message(system_message), **_TEMPLATES[name])
+
+
+def resolve_system_message(system_message: str) -> str:
+    """``system_message`` itself, or the text of the preset it names (:data:`SYSTEM_PRESETS`)."""
+    return SYSTEM_PRESETS.get(system_message, system_message)

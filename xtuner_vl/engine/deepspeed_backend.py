@@ -64,6 +64,14 @@ class DeepSpeedBackend:
         timeout = {} if dist_info.timeout is None else {"timeout": dist_info.timeout}
         self.deepspeed.init_distributed(dist_backend="nccl" if dist_info.device.type == "cuda" else "gloo", **timeout)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if self.stage == 3:
+            # Modules that ask for it (MoE expert lists, xtuner_vl.model.moe) are gathered whole: one all-gather
+            # for all their experts instead of one per expert, and no per-expert hooks.
+            leaves = sorted({type(m) for m in model.modules() if getattr(m, "zero3_leaf", False)}, key=str)
+            if leaves:
+                from deepspeed.utils import set_z3_leaf_modules
+
+                set_z3_leaf_modules(model, leaves)
         self.engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
         self.optimizer = optimizer  # our object: its param_groups carry the lr we set

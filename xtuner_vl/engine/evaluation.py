@@ -52,6 +52,7 @@ def forward_inputs(batch: Batch) -> dict[str, Any]:
         image_token_index=batch.image_token_index,
         loss_index=batch.loss_index,
         loss_targets=batch.loss_targets,
+        token_mask=batch.attention_mask,  # real tokens, for a MoE router's load-balancing loss
         use_cache=False,
     )
 

@@ -230,6 +230,7 @@ class Trainer:
         # Every sample's weights sum to 1 (sample), sqrt(n) or n: a step that trains anything weighs at least 1.
         w_global = w_global.clamp(min=1.0)
         loss_total, tokens = torch.zeros((), device=device, dtype=torch.float64), 0
+        aux_total, aux_count, moe = torch.zeros((), device=device, dtype=torch.float64), 0.0, False
         model_flops = 0.0
         for i, (batch, weight) in enumerate(inputs):
             boundary = i == len(micro) - 1
@@ -241,14 +242,28 @@ class Trainer:
             out = self.backend.forward(**forward_inputs(batch), loss_weights=batch.loss_weights)
             loss_sum = out.loss_sum * weight
             # Backends average gradients over ranks; multiplying by world size makes it a global sum.
-            self.backend.backward((loss_sum * self.dist.world_size / w_global).float())
+            objective = (loss_sum * self.dist.world_size / w_global).float()
+            if out.aux_loss is not None:
+                # MoE router loss: per micro-batch, averaged over the window and the ranks (as the official
+                # DeepSpeed run averages it), logged on its own
+                objective = objective + out.aux_loss_coef * out.aux_loss.float() * weight / len(micro)
+                aux_total += out.aux_loss.detach().double() * weight
+                aux_count, moe = aux_count + weight, True
+            self.backend.backward(objective)
             loss_total += loss_sum.detach()
             if not boundary:
                 self.backend.step(False)
         loss = float((all_reduce_sum(loss_total) / w_global).float())  # reported in float32
+        aux = {}
+        if moe:
+            summed = all_reduce_sum(
+                torch.stack([aux_total, torch.tensor(aux_count, device=device, dtype=torch.float64)])
+            )
+            aux = {"router_aux_loss": float(summed[0] / summed[1].clamp(min=1.0))}
         # A non-finite loss skips the update; so does a non-finite gradient norm (the backends check it).
         grad_norm = self.backend.step(True, skip=not math.isfinite(loss))
         return {
+            **aux,
             "loss": loss,
             "grad_norm": grad_norm,
             "updated": math.isfinite(loss) and grad_norm is not None and math.isfinite(grad_norm),
@@ -377,6 +392,7 @@ class Trainer:
             "skipped": float(p.skipped),
             "overflow_rows": float(p.overflow_rows),
             "nonfinite_steps": float(p.nonfinite),
+            **({"router_aux_loss": last["router_aux_loss"]} if "router_aux_loss" in last else {}),
         }
         if self.flops is not None:
             per_gpu = last["flops"] / seconds / self.dist.world_size

@@ -19,6 +19,7 @@ SUPPORTED_LLM_ARCHS = (
     "Phi3ForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
     "LlamaForCausalLM",
 )
 

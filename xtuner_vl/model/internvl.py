@@ -13,6 +13,7 @@ from xtuner_vl.model.attention import VARLEN_IMPLEMENTATIONS
 from xtuner_vl.model.configuration import InternVLConfig
 from xtuner_vl.model.intern_vit import InternVisionModel
 from xtuner_vl.model.llm import build_llm
+from xtuner_vl.model.moe import is_moe, router_aux_loss
 from xtuner_vl.structures import IGNORE_INDEX
 
 __all__ = ["InternVLChatModel", "InternVLOutput", "official_state_dict", "pixel_shuffle", "tied_keys", "IGNORE_INDEX"]
@@ -64,6 +65,9 @@ class InternVLOutput:
     loss: torch.Tensor | None = None
     cache: Any = None
     loss_sum: torch.Tensor | None = None  # float64 sum of the trained tokens' cross-entropy
+    # MoE LLMs, training form: the router load-balancing loss of this batch and the weight it is added with
+    aux_loss: torch.Tensor | None = None
+    aux_loss_coef: float = 0.0
 
 
 class InternVLChatModel(nn.Module):
@@ -87,6 +91,14 @@ class InternVLChatModel(nn.Module):
             nn.LayerNorm(vit_dim), nn.Linear(vit_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)
         )
         self.img_context_token_id = img_context_token_id
+        # A MoE LLM's router loss is added to the training loss as the InternVL 3.5 code adds it:
+        # router_aux_loss_coef times the loss, when llm_config asks for router logits (output_router_logits);
+        # else it is only logged. Training recipes may set another coefficient.
+        self.moe = is_moe(language_model)
+        llm = config.llm_config
+        self.router_aux_loss_coef = (
+            float(llm.get("router_aux_loss_coef", 0.0)) if self.moe and llm.get("output_router_logits") else 0.0
+        )
 
     @classmethod
     def from_config(
@@ -221,6 +233,7 @@ class InternVLChatModel(nn.Module):
         loss_index: torch.Tensor | None = None,
         loss_targets: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> InternVLOutput:
         """Official forward semantics: logits for every position; ``loss`` = mean next-token
@@ -230,7 +243,9 @@ class InternVLChatModel(nn.Module):
         tokens, from collate) no logits are returned, only ``loss_sum``, computed by the chunked fp32
         loss on those positions alone (:mod:`xtuner_vl.model.loss`), each weighted by ``loss_weights`` when
         given (``loss_reduction`` sample / square). ``cu_seqlens`` / ``max_seqlen`` are
-        the segment boundaries for the variable-length attention back-ends.
+        the segment boundaries for the variable-length attention back-ends. For a MoE LLM the training form also
+        returns the router's load-balancing ``aux_loss`` over the real tokens (``token_mask``, 1 = real; default
+        ``attention_mask``).
         """
         embeds = self.embed(pixel_values, input_ids, image_flags, image_token_index)
         lm_inputs = {**self._attention_inputs(attention_mask, position_ids, cu_seqlens, max_seqlen), **kwargs}
@@ -238,16 +253,27 @@ class InternVLChatModel(nn.Module):
         if loss_index is None and labels is None:
             out = lm(inputs_embeds=embeds, **lm_inputs)
             return InternVLOutput(logits=out.logits, cache=getattr(out, "cache", None))
-        hidden = lm.get_decoder()(inputs_embeds=embeds, **lm_inputs).last_hidden_state
+        if self.moe:
+            lm_inputs["output_router_logits"] = True
+        decoded = lm.get_decoder()(inputs_embeds=embeds, **lm_inputs)
+        hidden = decoded.last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = lm.get_output_embeddings()
+        aux = {}
+        if self.moe:
+            mask = token_mask if token_mask is not None else attention_mask
+            cfg = lm.config
+            aux_loss = router_aux_loss(decoded.router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask)
+            aux = {"aux_loss": aux_loss, "aux_loss_coef": self.router_aux_loss_coef}
         if loss_index is not None:
-            return InternVLOutput(logits=None, loss_sum=head(flat[loss_index], loss_targets, loss_weights))
+            return InternVLOutput(logits=None, loss_sum=head(flat[loss_index], loss_targets, loss_weights), **aux)
         index = (labels.reshape(-1)[1:] != IGNORE_INDEX).nonzero().flatten()
         index = index[(index + 1) % labels.shape[1] != 0]  # a row's last token predicts no next row
         loss_sum = head(flat[index], labels.reshape(-1)[index + 1])
         loss = (loss_sum / max(index.numel(), 1)).float()
-        return InternVLOutput(logits=head(hidden), loss=loss, loss_sum=loss_sum)
+        if aux:
+            loss = loss + aux["aux_loss_coef"] * aux["aux_loss"]
+        return InternVLOutput(logits=head(hidden), loss=loss, loss_sum=loss_sum, **aux)
 
     def gradient_checkpointing_enable(self, vit: bool = True, llm: bool = True) -> None:
         """Recompute ViT and/or LLM layer activations in backward instead of storing them."""

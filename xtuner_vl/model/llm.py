@@ -1,8 +1,9 @@
 """Build the language model of an InternVL checkpoint from its ``llm_config`` dict.
 
-Phi-3, Qwen2 (Qwen2 and Qwen2.5), Qwen3 and Llama run on transformers' own classes; InternLM2 on
-:mod:`xtuner_vl.model.internlm2`. Only the in-memory config is translated (e.g. Phi-3's ``su`` rope to
-transformers' ``longrope``); the on-disk dict is never rewritten.
+Phi-3, Qwen2 (Qwen2 and Qwen2.5), Qwen3, Qwen3-MoE and Llama run on transformers' own classes (Qwen3-MoE
+with per-expert linears, :mod:`xtuner_vl.model.moe`); InternLM2 on :mod:`xtuner_vl.model.internlm2`. Only the
+in-memory config is translated (e.g. Phi-3's ``su`` rope to transformers' ``longrope``); the on-disk dict is never
+rewritten.
 
 ``tie_word_embeddings`` is read from ``llm_config`` for the transformers-native families, as the InternVL 3.5
 code does (OpenGVLab/InternVL ``internvl_chat_gpt_oss/internvl/model/internvl_chat/configuration_internvl_chat.py``
@@ -28,10 +29,13 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from xtuner_vl.model.internlm2 import InternLM2ForCausalLM, internlm2_llama_config
 from xtuner_vl.model.loss import OutputHead
+from xtuner_vl.model.moe import use_expert_linears
 
 __all__ = ["build_llm", "build_llm_config", "is_tied", "LORA_TARGETS"]
 
@@ -70,11 +74,19 @@ LORA_TARGETS = {
 }
 LORA_TARGETS["LlamaForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
 LORA_TARGETS["Qwen3ForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
+# Qwen3-MoE: attention, and every expert's linears ("gate_proj" matches mlp.experts.E.gate_proj, and the dense
+# mlp.gate_proj of any mlp_only_layers); the router (mlp.gate) is a bare weight and stays out.
+LORA_TARGETS["Qwen3MoeForCausalLM"] = [t for t in LORA_TARGETS["Qwen2ForCausalLM"] if t.startswith("self_attn.")] + [
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 # transformers-native families: architecture name -> (config class, model class).
 _NATIVE = {
     "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
     "Qwen3ForCausalLM": (Qwen3Config, Qwen3ForCausalLM),
+    "Qwen3MoeForCausalLM": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
     "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
 }
 
@@ -127,6 +139,8 @@ def build_llm(llm_config: dict[str, Any], attn_implementation: str = "sdpa") -> 
     arch = cfg.architectures[0]
     cls = {"InternLM2ForCausalLM": InternLM2ForCausalLM, "Phi3ForCausalLM": Phi3ForCausalLM}.get(arch)
     model = (cls or _NATIVE[arch][1])(cfg)
+    if arch == "Qwen3MoeForCausalLM":
+        use_expert_linears(model)
     # The training loss runs inside the head's forward (see xtuner_vl.model.loss); same weights and keys. The
     # class changes in place, so a tied head keeps the embedding's Parameter.
     OutputHead.adopt(model.get_output_embeddings())

@@ -19,6 +19,7 @@ import torch
 from xtuner_vl.dataset import ImageError, image_tile_budget, load_image_tiles
 from xtuner_vl.dataset.collate import CollatedBatch
 from xtuner_vl.dataset.conversation import IMAGE_PLACEHOLDER
+from xtuner_vl.dataset.templates import resolve_system_message
 from xtuner_vl.engine.backend import Backend
 from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.evaluation import EvalChat, EvalLossData, EvalPrompt, Evaluator
@@ -117,7 +118,11 @@ def eval_dataset_args(train_dataset: Mapping[str, Any], eval_dataset: Mapping[st
 def eval_prompts(s: EvaluationSettings, dataset: Any) -> list[EvalPrompt]:
     """``s.prompts`` as token ids and tiles, in the template, tiling and tokenizer of ``dataset`` (an
     ``InternVLDataset``), with the placeholders of ``xtuner-vl chat`` (``chat.visual_inputs``)."""
-    template = dataset.template if s.system is None else dataclasses.replace(dataset.template, system_message=s.system)
+    template = (
+        dataset.template
+        if s.system is None
+        else dataclasses.replace(dataset.template, system_message=resolve_system_message(s.system))
+    )
     prompts = []
     for i, prompt in enumerate(s.prompts):
         where = f"evaluation.prompts[{i}]"

@@ -262,8 +262,10 @@ def chat(
     num_frames: int = 8,
     read_input: Callable[[str], str] = input,
     prompt_log: str | Path | None = None,
+    system_message: str | None = None,
 ) -> list[str]:
-    """One-shot with ``prompt``, otherwise interactive until ``exit``, ``quit`` or end of input.
+    """One-shot with ``prompt``, otherwise interactive until ``exit``, ``quit`` or end of input. ``system_message``
+    replaces the checkpoint's (a text, or a preset name such as ``internvl3_5_thinking``).
 
     Returns:
         The answers, in order.
@@ -273,7 +275,8 @@ def chat(
     model = load_internvl(model_dir, dtype=dtype, device=device)
     if model.template is None:
         raise ValueError(f"{model_dir}/config.json names no template")
-    template = get_template(model.template, model.config.raw.get("system_message"))
+    system = system_message if system_message is not None else model.config.raw.get("system_message")
+    template = get_template(model.template, system)
     pixels, prefix, counts = visual_inputs(model, images, video, num_frames)
     log = open(prompt_log, "a", encoding="utf-8") if prompt_log is not None else None  # noqa: SIM115
     try:

@@ -20,6 +20,7 @@ from xtuner_vl.adapters.qlora import nf4_targets
 from xtuner_vl.engine import memory_estimate as me
 from xtuner_vl.engine.deepspeed_config import load_deepspeed_config
 from xtuner_vl.model import InternVLChatModel, build_empty_model
+from xtuner_vl.model.moe import ExpertLinears
 from xtuner_vl.model.releases import resolve_model_config
 from xtuner_vl.recipes.config import find_config, load_config
 from xtuner_vl.recipes.model_wrapper import InternVLChat, build_model_wrapper, resolve_dtype
@@ -55,6 +56,7 @@ class ModuleCount:
     trainable: int = 0
     lora: int = 0
     nf4_params: int = 0  # parameters held in 4-bit (QLoRA)
+    active: int = 0  # of ``total``, those a token runs through (MoE: num_experts_per_tok of the experts)
     stored_bytes: int = 0  # frozen weights in their training dtype or nf4 packing; LoRA in the training dtype
 
 
@@ -107,12 +109,22 @@ def build_meta_model(s: InternVLChat) -> tuple[InternVLChatModel, str | None, se
     return model, release, nf4
 
 
+def _idle_experts(model: nn.Module) -> set[int]:
+    """Ids of the parameters (adapters included) of the experts a token does not run through: every expert
+    list's experts past ``num_experts_per_tok`` (all experts have one size)."""
+    top_k = getattr(_unwrap(model.language_model).config, "num_experts_per_tok", 0)
+    lists = [m for m in model.modules() if isinstance(m, ExpertLinears)]
+    return {id(p) for m in lists for expert in list(m)[top_k:] for p in expert.parameters()}
+
+
 def count_parameters(model: nn.Module, nf4: set[int], elem: int) -> list[ModuleCount]:
     """Per-part counts of ``model`` (``vision_model``, ``mlp1``, ``language_model``) plus a total row."""
     counts = {name: ModuleCount(name) for name in PARTS}
+    idle = _idle_experts(model)
     for name, p in model.named_parameters():
         c = counts[name.split(".", 1)[0]]
         c.total += p.numel()
+        c.active += 0 if id(p) in idle else p.numel()
         c.trainable += p.numel() if p.requires_grad else 0
         c.lora += p.numel() if "lora_" in name else 0
         if id(p) in nf4:
@@ -123,7 +135,7 @@ def count_parameters(model: nn.Module, nf4: set[int], elem: int) -> list[ModuleC
     rows = list(counts.values())
     total = ModuleCount("total")
     for c in rows:
-        for key in ("total", "trainable", "lora", "nf4_params", "stored_bytes"):
+        for key in ("total", "trainable", "lora", "nf4_params", "active", "stored_bytes"):
             setattr(total, key, getattr(total, key) + getattr(c, key))
     return rows + [total]
 
@@ -140,13 +152,18 @@ def layer_spec(
     kv_heads: int,
     vision: bool,
     head_dim: int | None = None,
+    active_experts: int | None = None,
 ) -> me.LayerSpec:
     """The :class:`LayerSpec` of one built block: its linears (with LoRA ranks and trainability), norms.
 
-    ``head_dim`` defaults to ``hidden // heads``; Qwen3 sets its own (its config's ``head_dim``)."""
+    ``head_dim`` defaults to ``hidden // heads``; Qwen3 sets its own (its config's ``head_dim``). In a MoE block
+    each token runs through ``active_experts`` experts: only that many experts' linears hold its activations."""
     linears, norm_trainable, rms = [], False, False
     for name, mod in layer.named_modules():
         leaf = name.rsplit(".", 1)[-1]
+        expert = name.split(".experts.", 1)[1].split(".", 1)[0] if ".experts." in name else None
+        if expert is not None and expert.isdigit() and int(expert) >= (active_experts or 0):
+            continue
         if isinstance(mod, LoraLayer):
             base, rank = mod.get_base_layer(), mod.r["default"]
             linears.append(
@@ -207,7 +224,10 @@ def _activations(
         tokens, layers = w.micro_batch * w.max_length, lm.model.layers
         heads, kv = lc.num_attention_heads, lc.num_key_value_heads or lc.num_attention_heads
         head_dim = getattr(lc, "head_dim", None)
-        spec = layer_spec(layers[0], lc.hidden_size, lc.intermediate_size, heads, kv, False, head_dim)
+        top_k = getattr(lc, "num_experts_per_tok", None)
+        # MoE: a token's gated intermediate is top_k experts' (moe_intermediate_size each)
+        intermediate = top_k * lc.moe_intermediate_size if top_k else lc.intermediate_size
+        spec = layer_spec(layers[0], lc.hidden_size, intermediate, heads, kv, False, head_dim, top_k)
         per_layer = details["llm_layer_bytes"] = me.layer_activation_bytes(spec, a)
         details["llm_layers"] = len(layers)
         stack = me.stack_activation_bytes(per_layer, len(layers), tokens, lc.hidden_size, ckpt, a)
@@ -233,7 +253,8 @@ def _zero_setup(name: str | None) -> me.ZeroSetup:
 def _param_bytes(model: nn.Module, total: ModuleCount, elem: int, nf4: set[int]) -> me.ParamBytes:
     """Trainable parameters, frozen bytes, the largest modules ZeRO-3 gathers (their own parameters), and
     what loading holds: the base weights, the largest base parameter, the largest layer QLoRA quantizes."""
-    own = [list(m.parameters(recurse=False)) for m in model.modules()]
+    # ZeRO-3 gathers a module's own parameters, a leaf module's (MoE expert lists) all of them at once
+    own = [list(m.parameters(recurse=getattr(m, "zero3_leaf", False))) for m in model.modules()]
     largest = max(sum(p.numel() for p in ps) for ps in own)
     largest_trainable = max(sum(p.numel() for p in ps if p.requires_grad) for ps in own)
     base = [p for name, p in model.named_parameters() if "lora_" not in name]

@@ -51,6 +51,8 @@ def _param_rows(e: Estimate) -> list[str]:
             rows.append(f"  {'LoRA on ' + c.name:26}{c.lora:>17,}{c.lora:>17,}{_gib(_elem(e) * c.lora):>14}")
     t = e.counts[-1]
     share = f"{t.total / 1e9:.3f}B, {100 * t.trainable / max(t.total, 1):.2f}% trainable"
+    if t.active != t.total:  # MoE
+        share += f"; {t.active / 1e9:.3f}B active per token"
     rows.append(f"  {'total':26}{t.total:>17,}{t.trainable:>17,}{_gib(t.stored_bytes):>14}  ({share})")
     return rows
 

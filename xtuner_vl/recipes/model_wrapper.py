@@ -77,6 +77,9 @@ class InternVLChat:
         quantization: :class:`QuantizationSettings` fields (QLoRA, needs ``lora.llm_rank``); None: none.
         gradient_checkpointing: recompute the LLM's (and a trained ViT's) layers in the backward pass.
         drop_path_rate: the ViT's stochastic depth; None keeps the checkpoint's.
+        router_aux_loss_coef: MoE LLMs: weight of the router load-balancing loss in the training loss; None
+            keeps the checkpoint's rule (``llm_config.router_aux_loss_coef`` when ``output_router_logits``, else
+            0, as the InternVL 3.5 code). The loss is logged either way.
     """
 
     path: str
@@ -87,6 +90,7 @@ class InternVLChat:
     quantization: QuantizationSettings | None = None
     gradient_checkpointing: bool = True
     drop_path_rate: float | None = None
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
         self.freeze = _section(FreezeSettings, self.freeze or {}, "model.freeze")
@@ -125,6 +129,9 @@ class InternVLChat:
             raise ValueError(
                 f"config model.gradient_checkpointing must be true/false, got {self.gradient_checkpointing!r}"
             )
+        coef = self.router_aux_loss_coef
+        if coef is not None and (isinstance(coef, bool) or not isinstance(coef, int | float) or coef < 0):
+            raise ValueError(f"config model.router_aux_loss_coef must be a number >= 0 or None, got {coef!r}")
         if self.quantization is not None and self.quantization.llm not in _QUANT_TYPES:
             raise ValueError(
                 f"config model.quantization.llm must be one of {_QUANT_TYPES}, got {self.quantization.llm!r}"
@@ -182,6 +189,8 @@ class InternVLChat:
         f = self.freeze
         if self.drop_path_rate is not None:
             set_drop_path_rate(model.vision_model, self.drop_path_rate)
+        if self.router_aux_loss_coef is not None:
+            model.router_aux_loss_coef = float(self.router_aux_loss_coef)
         apply_freeze(model, f.vit, f.mlp, f.llm, f.unfreeze_vit_layers, f.unfreeze_lm_head)
         if self.quantization is not None and quantize:  # a no-op where the loader already quantized (build)
             quantize_llm_nf4(model.language_model, compute_dtype=_compute_dtype(dtype))

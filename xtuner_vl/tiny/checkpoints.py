@@ -150,6 +150,22 @@ _QWEN3 = {
     "use_sliding_window": False,
     "tie_word_embeddings": True,
 }
+# Qwen3-MoE (InternVL3.5-30B-A3B / 241B-A28B): Qwen3 attention, every layer a sparse block of 4 experts (2 per
+# token), the fields of Qwen3-30B-A3B's config (router_aux_loss_coef 0.001, output_router_logits false, untied).
+_QWEN3_MOE = {
+    **_QWEN3,
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 48,
+    "norm_topk_prob": True,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+    "tie_word_embeddings": False,
+}
 _LLAMA = {
     **_LLM_COMMON,
     "architectures": ["LlamaForCausalLM"],
@@ -168,7 +184,7 @@ _LLAMA = {
 
 # name -> (tokenizer family, vision config, llm config, top-level overrides); the releases' config.json files
 # (model cards of OpenGVLab/InternVL2-*, Mini-InternVL-Chat-*-V1-5, InternVL-Chat-V1-5, InternVL2_5-1B,
-# InternVL3_5-1B) at toy sizes.
+# InternVL3_5-1B, InternVL3_5-30B-A3B) at toy sizes.
 TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
     "mini-internvl-chat-2b-v1-5": (
         "internlm2",
@@ -197,6 +213,12 @@ TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
         _VIT_300M,
         _QWEN3,
         {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": True},
+    ),
+    "internvl3_5-30b-a3b": (
+        "qwen2",
+        _VIT_300M,
+        _QWEN3_MOE,
+        {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": False},
     ),
 }
 
@@ -253,7 +275,11 @@ def _special_ids(tokenizer, llm: dict) -> dict[str, int]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    if llm["architectures"][0] in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # bos <|endoftext|>, eos <|im_end|>
+    if llm["architectures"][0] in (
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    ):  # bos <|endoftext|>, eos <|im_end|>
         ids["bos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         ids["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return {k: v for k, v in ids.items() if k in llm and v is not None}

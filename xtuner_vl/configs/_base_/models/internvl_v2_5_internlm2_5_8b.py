@@ -1,0 +1,7 @@
+# OpenGVLab/InternVL2_5-8B: InternViT-300M-448px-V2_5 + internlm2_5-7b-chat, template internvl2_5.
+# Download the release directory and point model_path at it (or override with --cfg-options).
+_base_ = ["../datasets/llava_sft.py"]
+
+model_path = "InternVL2_5-8B"
+model = dict(type="InternVLChat", path=model_path)
+train_dataset = dict(max_dynamic_patch=6, max_length=8192)
