@@ -27,6 +27,18 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return build
 
 
+@pytest.fixture
+def lone_process(monkeypatch):
+    """This process as if started plainly: no launcher variables (restored afterwards, as is the process group)."""
+    from xtuner_vl.engine.dist import RENDEZVOUS_ENV, destroy_distributed
+
+    launch = (*RENDEZVOUS_ENV, "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE")
+    for key in launch:  # _environment_restored restores the whole environment afterwards
+        monkeypatch.delenv(key, raising=False)
+    yield
+    destroy_distributed()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

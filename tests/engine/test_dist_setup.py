@@ -19,9 +19,7 @@ from xtuner_vl.dataset.samplers import DistributedRandomSampler
 from xtuner_vl.engine import deepspeed_backend
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.engine.dist import (
-    RENDEZVOUS_ENV,
     DistInfo,
-    destroy_distributed,
     fill_single_process_env,
     init_distributed,
 )
@@ -30,16 +28,6 @@ from xtuner_vl.engine.seed import rank_seed, seed_everything
 from xtuner_vl.recipes.settings import RuntimeSettings
 
 CPU = torch.device("cpu")
-_LAUNCH_ENV = (*RENDEZVOUS_ENV, "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE")
-
-
-@pytest.fixture
-def lone_process(monkeypatch):
-    """This process as if started plainly: no launcher variables (restored afterwards, as is the process group)."""
-    for key in _LAUNCH_ENV:  # tests/conftest.py restores the whole environment afterwards
-        monkeypatch.delenv(key, raising=False)
-    yield
-    destroy_distributed()
 
 
 # -- rendezvous environment and timeout -------------------------------------------------------------------

@@ -14,7 +14,6 @@ from safetensors import safe_open
 
 from tests.model.reference import reference_logits
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
-from xtuner_vl.engine.dist import destroy_distributed
 from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.loader import open_checkpoint, stream_into
 from xtuner_vl.model.weights import read_state_dict, weight_files
@@ -30,7 +29,6 @@ VARIANTS = {
     "qwen3_tied": ("internvl3_5-1b", {}),
     "qwen2_5_tied": ("internvl2_5-1b", {"tie_word_embeddings": True}),
 }
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +129,6 @@ def test_full_fine_tuning_step_updates_one_shared_tensor(ckpts):
     assert not torch.equal(embed.detach(), before)
     # Rows of tokens never input but predicted as targets moved: the head's gradient reached the shared tensor.
     assert not torch.equal(embed.detach()[34], before[34])
-
-
-@pytest.fixture
-def lone_process(monkeypatch):
-    for key in LAUNCH_ENV:  # tests/conftest.py restores the whole environment afterwards
-        monkeypatch.delenv(key, raising=False)
-    yield
-    destroy_distributed()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -193,3 +193,37 @@ def test_chat_with_the_thinking_prompt_uses_the_official_chatml_ids(moe_ckpt, tm
     )
     assert record["input_ids"] == load_tokenizer(moe_ckpt)(expected)["input_ids"]
     assert "<|im_end|>" not in answer
+
+
+def test_lora_on_experts_learns_and_merges_into_the_official_layout(moe_ckpt, tmp_path, monkeypatch, lone_process):
+    """One-process LoRA training of the MoE family lowers the loss, logs the router loss, and convert merges
+    the expert adapters into the per-expert official keys."""
+    from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
+    from xtuner_vl.recipes.convert import convert
+    from xtuner_vl.recipes.train import train
+    from xtuner_vl.tiny.data import make_synthetic_dataset
+
+    data, images = make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=1)
+    monkeypatch.setenv("XTUNER_VL_CACHE", str(tmp_path / "cache"))
+    options = {
+        "model.path": str(moe_ckpt),
+        "train_dataset.data_paths": [str(data)],
+        "train_dataset.image_folders": [str(images)],
+        "schedule.epochs": 3,
+        "runtime.save_steps": 100,
+    }
+    work = train(
+        str(CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py"), work_dir=str(tmp_path / "work"), cfg_options=options
+    )
+    records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    assert all(r["router_aux_loss"] > 0 for r in records)
+    (dumped,) = work.glob("*.py")
+    out = convert(str(dumped), str(work), str(tmp_path / "official"))
+    assert _keys(out) == _keys(moe_ckpt)
+    merged, original = load_internvl(out, dtype=torch.float32), load_internvl(moe_ckpt, dtype=torch.float32)
+    key = EXPERT.format(1, 0, "down_proj")
+    assert not torch.equal(merged.state_dict()[key], original.state_dict()[key])  # the expert's adapter merged
+    router = "language_model.model.layers.1.mlp.gate.weight"
+    assert torch.equal(merged.state_dict()[router], original.state_dict()[router])  # the router trained no adapter
