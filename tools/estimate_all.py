@@ -50,7 +50,8 @@ def render(gpus: int, tiny_dir: Path) -> str:
     lines = [
         "# Estimated parameters and per-GPU memory of the shipped configs",
         "",
-        "Regenerate with `python tools/estimate_all.py` (runs on CPU in about a minute; no weights needed).",
+        "Regenerate with `python tools/estimate_all.py` (runs on CPU in a few minutes, most of them peft wrapping "
+        "the experts of the MoE LoRA configs; no weights needed).",
         "",
         f"Every config at `--gpus {gpus}` with its own DeepSpeed preset and micro-batch, from `xtuner-vl estimate`:",
         "GiB per GPU for the marked backend, with and without gradient checkpointing (the configs turn it on).",

@@ -59,7 +59,11 @@ def test_config_tree_is_complete():
     new_wave = {
         "internvl_v2_5": ["internlm2_5_8b"],
         "internvl_v3": [f"qwen2_5_{b}b" for b in (1, 2, 8, 14, 38, 78)],
-        "internvl_v3_5": [f"qwen3_{b}b" for b in (1, 2, 4, 8, 14, 38)] + ["qwen3_moe_30b_a3b", "qwen3_moe_241b_a28b"],
+        "internvl_v3_5": [f"qwen3_{b}b" for b in (1, 2, 4, 8, 14, 38)]
+        + [
+            "qwen3_moe_30b_a3b",
+            "qwen3_moe_241b_a28b",
+        ],
     }
     for version, models in new_wave.items():
         for model in models:

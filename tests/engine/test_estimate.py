@@ -317,9 +317,11 @@ PUBLISHED = {  # total parameters, billions (Hugging Face model cards / safetens
     "InternVL3_5-38B": 38.4,
     "InternVL3_5-30B-A3B": 30.8,  # InternVL3.5 docs: 0.3B vision + 30.5B language
     "InternVL3_5-241B-A28B": 240.7,  # 5.5B vision + 235.1B language
+    "InternVL3_5-GPT-OSS-20B-A4B": 21.2,  # 0.3B vision + gpt-oss-20b's 20.9B
 }
 # MoE releases: billions active per token (the "A3B" / "A28B" of their names; Qwen3-30B-A3B activates 3.3B).
-ACTIVE = {"InternVL3_5-30B-A3B": 3.67, "InternVL3_5-241B-A28B": 27.8}
+# Embedding tables count whole: gpt-oss-20b's 3.6B active excludes its 0.58B embedding.
+ACTIVE = {"InternVL3_5-30B-A3B": 3.67, "InternVL3_5-241B-A28B": 27.8, "InternVL3_5-GPT-OSS-20B-A4B": 4.51}
 
 
 def test_release_totals_match_published_figures():

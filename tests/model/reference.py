@@ -75,6 +75,23 @@ def _rotate_half(x):
     return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), -1)
 
 
+def _yarn_tables(scaling, base, head_dim, position_ids):
+    """YaRN: per frequency, interpolate (divide by ``factor``) below ``beta_slow`` rotations over the original
+    context, keep above ``beta_fast``, ramp linearly between; cos/sin scaled by 0.1 ln(factor) + 1."""
+    factor, orig = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations):  # the frequency index that turns ``rotations`` times over the original context
+        return head_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(dim_of(scaling["beta_fast"]), 0), min(dim_of(scaling["beta_slow"]), head_dim - 1)
+    keep = 1 - ((torch.arange(head_dim // 2).float() - low) / (high - low)).clamp(0, 1)
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    inv = inv / factor * (1 - keep) + inv * keep
+    emb = torch.cat([position_ids[..., None].float() * inv] * 2, -1)
+    mscale = 0.1 * math.log(factor) + 1.0
+    return emb.cos() * mscale, emb.sin() * mscale
+
+
 def _rope_tables(lc, head_dim, position_ids, seq_len, state):
     arch = lc["architectures"][0]
     base = lc.get("rope_theta", 10000)
@@ -88,6 +105,8 @@ def _rope_tables(lc, head_dim, position_ids, seq_len, state):
         scale = lc["max_position_embeddings"] / orig
         f = 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(orig))
         return emb.cos() * f, emb.sin() * f
+    if scaling and scaling.get("rope_type") == "yarn":  # GPT-OSS: YaRN (arXiv:2309.00071), untruncated ramp
+        return _yarn_tables(scaling, base, head_dim, position_ids)
     # InternLM2 keeps a cos/sin table of the longest key length seen (state), as the official code.
     max_pos = lc["max_position_embeddings"]
     cached = max(state.get("cached", max_pos), seq_len)
@@ -150,8 +169,17 @@ def _llm(sd, lc, embeds, attention_mask, state):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
-        w = (q @ k.transpose(2, 3)) / math.sqrt(hd) + mask
-        o = (w.softmax(-1) @ v).transpose(1, 2).reshape(b, n, heads * hd)
+        layer_mask = mask
+        if (lc.get("layer_types") or [None] * (i + 1))[i] == "sliding_attention":  # GPT-OSS: the last `window` keys
+            far = torch.arange(n)[:, None] - torch.arange(n)[None, :] >= lc["sliding_window"]
+            layer_mask = mask.masked_fill(far[None, None], big)
+        w = (q @ k.transpose(2, 3)) / math.sqrt(hd) + layer_mask
+        if lp + "self_attn.sinks" in sd:  # GPT-OSS: one learned logit per head joins the softmax, then is dropped
+            sink = sd[lp + "self_attn.sinks"][None, :, None, None].expand(b, heads, n, 1)
+            probs = torch.cat([w, sink], -1).softmax(-1)[..., :-1]
+        else:
+            probs = w.softmax(-1)
+        o = (probs @ v).transpose(1, 2).reshape(b, n, heads * hd)
         if arch == "InternLM2ForCausalLM":
             x = x + F.linear(o, sd[lp + "attention.wo.weight"])
             y = _rms(x, sd[lp + "ffn_norm.weight"], eps)
@@ -160,8 +188,11 @@ def _llm(sd, lc, embeds, attention_mask, state):
                 sd[lp + "feed_forward.w2.weight"],
             )
             continue
-        x = x + F.linear(o, sd[lp + "self_attn.o_proj.weight"])
+        x = x + F.linear(o, sd[lp + "self_attn.o_proj.weight"], sd.get(lp + "self_attn.o_proj.bias"))
         y = _rms(x, sd[lp + "post_attention_layernorm.weight"], eps)
+        if lp + "mlp.router.weight" in sd:  # GPT-OSS
+            x = x + _gpt_oss_moe(sd, lc, lp + "mlp.", y)
+            continue
         if lp + "mlp.gate.weight" in sd:  # Qwen3-MoE sparse block
             x = x + _moe(sd, lc, lp + "mlp.", y)
             continue
@@ -196,6 +227,20 @@ def _moe(sd, lc, mp, y):
     )  # [b, n, experts, hidden]
     picked = torch.gather(outs, -2, top_i[..., None].expand(*top_i.shape, outs.shape[-1]))
     return (picked * top_p.to(y.dtype)[..., None]).sum(-2)
+
+
+def _gpt_oss_moe(sd, lc, mp, y):
+    """GPT-OSS experts: top-k of the router logits, softmax over those k; each expert's fused gate/up (interleaved
+    columns) with biases, gate clamped above and up on both sides at swiglu_limit, gate * sigmoid(1.702 gate) *
+    (up + 1), down with bias; every expert on every token, then the chosen ones mixed."""
+    top_v, top_i = F.linear(y, sd[mp + "router.weight"], sd[mp + "router.bias"]).topk(lc["num_experts_per_tok"], -1)
+    weights, limit = top_v.softmax(-1), lc.get("swiglu_limit", 7.0)
+    gate_up = torch.einsum("bnh,ehf->bnef", y, sd[mp + "experts.gate_up_proj"]) + sd[mp + "experts.gate_up_proj_bias"]
+    gate, up = gate_up[..., ::2].clamp(max=limit), gate_up[..., 1::2].clamp(-limit, limit)
+    act = (up + 1) * gate * torch.sigmoid(gate * 1.702)
+    outs = torch.einsum("bnef,efh->bneh", act, sd[mp + "experts.down_proj"]) + sd[mp + "experts.down_proj_bias"]
+    picked = torch.gather(outs, -2, top_i[..., None].expand(*top_i.shape, outs.shape[-1]))
+    return (picked * weights[..., None]).sum(-2)
 
 
 def reference_logits(sd, cfg, pixel_values, input_ids, attention_mask, image_flags, img_context_id, state=None):

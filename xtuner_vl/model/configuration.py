@@ -20,6 +20,7 @@ SUPPORTED_LLM_ARCHS = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    "GptOssForCausalLM",
     "LlamaForCausalLM",
 )
 

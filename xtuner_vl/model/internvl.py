@@ -91,14 +91,14 @@ class InternVLChatModel(nn.Module):
             nn.LayerNorm(vit_dim), nn.Linear(vit_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)
         )
         self.img_context_token_id = img_context_token_id
-        # A MoE LLM's router loss is added to the training loss as the InternVL 3.5 code adds it:
-        # router_aux_loss_coef times the loss, when llm_config asks for router logits (output_router_logits);
-        # else it is only logged. Training recipes may set another coefficient.
+        # A MoE LLM's router loss is added to the training loss as the InternVL 3.5 code adds it: router_aux_loss_coef
+        # times the loss when the LLM returns router logits, i.e. when llm_config says output_router_logits, and for
+        # GPT-OSS always (internvl_chat_gpt_oss/internvl/train/internvl_chat_finetune.py turns them on for it); else
+        # it is only logged. Training recipes may set another coefficient.
         self.moe = is_moe(language_model)
         llm = config.llm_config
-        self.router_aux_loss_coef = (
-            float(llm.get("router_aux_loss_coef", 0.0)) if self.moe and llm.get("output_router_logits") else 0.0
-        )
+        routed = llm.get("output_router_logits") or llm["architectures"][0] == "GptOssForCausalLM"
+        self.router_aux_loss_coef = float(llm.get("router_aux_loss_coef", 0.0)) if self.moe and routed else 0.0
 
     @classmethod
     def from_config(
@@ -263,7 +263,9 @@ class InternVLChatModel(nn.Module):
         if self.moe:
             mask = token_mask if token_mask is not None else attention_mask
             cfg = lm.config
-            aux_loss = router_aux_loss(decoded.router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask)
+            gpt_oss = cfg.architectures[0] == "GptOssForCausalLM"  # the official 4.55 stack's router inputs
+            experts, top_k = cfg.num_local_experts, cfg.num_experts_per_tok
+            aux_loss = router_aux_loss(decoded.router_logits, experts, top_k, mask, scores_as_logits=gpt_oss)
             aux = {"aux_loss": aux_loss, "aux_loss_coef": self.router_aux_loss_coef}
         if loss_index is not None:
             return InternVLOutput(logits=None, loss_sum=head(flat[loss_index], loss_targets, loss_weights), **aux)

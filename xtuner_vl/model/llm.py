@@ -1,6 +1,6 @@
 """Build the language model of an InternVL checkpoint from its ``llm_config`` dict.
 
-Phi-3, Qwen2 (Qwen2 and Qwen2.5), Qwen3, Qwen3-MoE and Llama run on transformers' own classes (Qwen3-MoE
+Phi-3, Qwen2 (Qwen2 and Qwen2.5), Qwen3, Qwen3-MoE, GPT-OSS and Llama run on transformers' own classes (Qwen3-MoE
 with per-expert linears, :mod:`xtuner_vl.model.moe`); InternLM2 on :mod:`xtuner_vl.model.internlm2`. Only the
 in-memory config is translated (e.g. Phi-3's ``su`` rope to transformers' ``longrope``); the on-disk dict is never
 rewritten.
@@ -19,6 +19,8 @@ import copy
 from typing import Any
 
 from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Phi3Config,
@@ -37,7 +39,7 @@ from xtuner_vl.model.internlm2 import InternLM2ForCausalLM, internlm2_llama_conf
 from xtuner_vl.model.loss import OutputHead
 from xtuner_vl.model.moe import use_expert_linears
 
-__all__ = ["build_llm", "build_llm_config", "is_tied", "LORA_TARGETS"]
+__all__ = ["build_llm", "build_llm_config", "is_tied", "LORA_TARGETS", "SINK_ATTENTION"]
 
 # Keys that describe how a config was produced or loaded, never the architecture.
 _BOOKKEEPING = {
@@ -82,11 +84,22 @@ LORA_TARGETS["Qwen3MoeForCausalLM"] = [t for t in LORA_TARGETS["Qwen2ForCausalLM
     "down_proj",
 ]
 
+# GPT-OSS (InternVL3.5-GPT-OSS-20B-A4B): attention. Its experts are fused 3-D weights, not linears (transformers 4.55
+# and 5 alike, as the checkpoint stores them); peft reaches them only through target_parameters, whose adapters
+# `xtuner-vl convert` does not merge yet, so they train neither.
+LORA_TARGETS["GptOssForCausalLM"] = [t for t in LORA_TARGETS["Qwen2ForCausalLM"] if t.startswith("self_attn.")]
+
+# GPT-OSS attention adds a learned sink logit per head to the softmax, which SDPA, flash-attention 2 and torch's varlen
+# kernel do not compute; transformers' eager attention does (so does its flex attention, not offered here: it could
+# not be checked on CPU), so GPT-OSS runs on eager attention whatever is asked for.
+SINK_ATTENTION = ("eager",)
+
 # transformers-native families: architecture name -> (config class, model class).
 _NATIVE = {
     "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
     "Qwen3ForCausalLM": (Qwen3Config, Qwen3ForCausalLM),
     "Qwen3MoeForCausalLM": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "GptOssForCausalLM": (GptOssConfig, GptOssForCausalLM),
     "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
 }
 
@@ -129,6 +142,8 @@ def build_llm_config(llm_config: dict[str, Any], attn_implementation: str = "sdp
         else:
             raise ValueError(f"unsupported LLM architecture {arch!r}")
         cfg.architectures = [arch]
+    if arch == "GptOssForCausalLM" and attn_implementation not in SINK_ATTENTION:
+        attn_implementation = "eager"
     cfg._attn_implementation = attn_implementation
     return cfg
 

@@ -25,9 +25,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock, load_balancing_loss_func
 
-__all__ = ["ExpertLinears", "use_expert_linears", "is_moe", "router_aux_loss", "expert_parameter_counts"]
+__all__ = [
+    "ExpertLinears",
+    "use_expert_linears",
+    "is_moe",
+    "expert_modules",
+    "router_aux_loss",
+    "expert_parameter_counts",
+]
 
 
 class Expert(nn.Module):
@@ -80,18 +88,41 @@ def use_expert_linears(llm: nn.Module) -> nn.Module:
 
 
 def is_moe(llm: nn.Module) -> bool:
-    """Whether ``llm`` routes tokens to experts (has :class:`ExpertLinears`)."""
-    return any(isinstance(m, ExpertLinears) for m in llm.modules())
+    """Whether ``llm`` routes tokens to experts (Qwen3-MoE's :class:`ExpertLinears`, GPT-OSS's fused experts, which
+    every forward calls whole)."""
+    return any(isinstance(m, ExpertLinears | GptOssExperts) for m in llm.modules())
+
+
+def expert_modules(llm: nn.Module) -> list[nn.Module]:
+    """The expert containers of ``llm``: :class:`ExpertLinears` (one module per expert) or GPT-OSS's fused experts
+    (3-D weights, expert first)."""
+    return [m for m in llm.modules() if isinstance(m, ExpertLinears | GptOssExperts)]
 
 
 def router_aux_loss(
-    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, token_mask: torch.Tensor | None
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    token_mask: torch.Tensor | None,
+    scores_as_logits: bool = False,
 ) -> torch.Tensor:
     """The Switch-Transformer load-balancing loss over every layer's router logits, counting only the tokens
     ``token_mask`` marks (padding excluded), as the InternVL 3.5 forward computes it with transformers'
     ``load_balancing_loss_func`` (``internvl_chat_gpt_oss/internvl/model/internvl_chat/modeling_internvl_chat.py``).
+
+    ``scores_as_logits`` (GPT-OSS) reproduces what that forward really receives from transformers 4.55, which its
+    requirements pin: GPT-OSS's router there returns its routing scores (softmax over each token's top-k logits,
+    zero elsewhere) where the logits are expected, and the loss takes a softmax of those again.
     """
+    if scores_as_logits:
+        router_logits = tuple(_routing_scores(layer, top_k) for layer in router_logits)
     return load_balancing_loss_func(router_logits, num_experts, top_k, token_mask)
+
+
+def _routing_scores(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Softmax over each row's ``top_k`` logits, scattered into zeros: GPT-OSS's routing weights per expert."""
+    top, index = logits.topk(top_k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, index, top.softmax(dim=-1))
 
 
 def expert_parameter_counts(llm_config: dict) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from xtuner_vl.adapters.qlora import nf4_targets
 from xtuner_vl.engine import memory_estimate as me
 from xtuner_vl.engine.deepspeed_config import load_deepspeed_config
 from xtuner_vl.model import InternVLChatModel, build_empty_model
-from xtuner_vl.model.moe import ExpertLinears
+from xtuner_vl.model.moe import ExpertLinears, expert_modules
 from xtuner_vl.model.releases import resolve_model_config
 from xtuner_vl.recipes.config import find_config, load_config
 from xtuner_vl.recipes.model_wrapper import InternVLChat, build_model_wrapper, resolve_dtype
@@ -109,12 +109,19 @@ def build_meta_model(s: InternVLChat) -> tuple[InternVLChatModel, str | None, se
     return model, release, nf4
 
 
-def _idle_experts(model: nn.Module) -> set[int]:
-    """Ids of the parameters (adapters included) of the experts a token does not run through: every expert
-    list's experts past ``num_experts_per_tok`` (all experts have one size)."""
-    top_k = getattr(_unwrap(model.language_model).config, "num_experts_per_tok", 0)
-    lists = [m for m in model.modules() if isinstance(m, ExpertLinears)]
-    return {id(p) for m in lists for expert in list(m)[top_k:] for p in expert.parameters()}
+def _idle_experts(model: nn.Module) -> dict[int, int]:
+    """Parameter id -> how many of its elements a token does not run through: per expert container, the experts
+    past ``num_experts_per_tok`` (all experts have one size). Per-expert linears (Qwen3-MoE, adapters included)
+    count whole; fused 3-D expert weights (GPT-OSS, expert first) count that share of their elements."""
+    config = _unwrap(model.language_model).config
+    top_k, experts = getattr(config, "num_experts_per_tok", 0), getattr(config, "num_local_experts", 0)
+    idle = {}
+    for m in expert_modules(model.language_model):
+        if isinstance(m, ExpertLinears):
+            idle.update({id(p): p.numel() for expert in list(m)[top_k:] for p in expert.parameters()})
+        else:
+            idle.update({id(p): p.numel() * (experts - top_k) // experts for p in m.parameters(recurse=False)})
+    return idle
 
 
 def count_parameters(model: nn.Module, nf4: set[int], elem: int) -> list[ModuleCount]:
@@ -124,7 +131,7 @@ def count_parameters(model: nn.Module, nf4: set[int], elem: int) -> list[ModuleC
     for name, p in model.named_parameters():
         c = counts[name.split(".", 1)[0]]
         c.total += p.numel()
-        c.active += 0 if id(p) in idle else p.numel()
+        c.active += p.numel() - idle.get(id(p), 0)
         c.trainable += p.numel() if p.requires_grad else 0
         c.lora += p.numel() if "lora_" in name else 0
         if id(p) in nf4:
@@ -165,6 +172,8 @@ def layer_spec(
         if expert is not None and expert.isdigit() and int(expert) >= (active_experts or 0):
             continue
         if isinstance(mod, LoraLayer):
+            if leaf not in _GROUPS:  # LoRA on fused expert weights (GPT-OSS): no linear to describe
+                continue
             base, rank = mod.get_base_layer(), mod.r["default"]
             linears.append(
                 me.LinearSpec(_GROUPS[leaf], base.in_features, base.out_features, base.weight.requires_grad, rank)
@@ -225,8 +234,11 @@ def _activations(
         heads, kv = lc.num_attention_heads, lc.num_key_value_heads or lc.num_attention_heads
         head_dim = getattr(lc, "head_dim", None)
         top_k = getattr(lc, "num_experts_per_tok", None)
-        # MoE: a token's gated intermediate is top_k experts' (moe_intermediate_size each)
-        intermediate = top_k * lc.moe_intermediate_size if top_k else lc.intermediate_size
+        # MoE: a token's gated intermediate is top_k experts' (Qwen3-MoE: moe_intermediate_size each; GPT-OSS:
+        # intermediate_size each, its experts fused weights that no LinearSpec lists)
+        intermediate = (
+            top_k * getattr(lc, "moe_intermediate_size", lc.intermediate_size) if top_k else lc.intermediate_size
+        )
         spec = layer_spec(layers[0], lc.hidden_size, intermediate, heads, kv, False, head_dim, top_k)
         per_layer = details["llm_layer_bytes"] = me.layer_activation_bytes(spec, a)
         details["llm_layers"] = len(layers)

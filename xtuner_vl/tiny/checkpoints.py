@@ -166,6 +166,42 @@ _QWEN3_MOE = {
     "router_aux_loss_coef": 0.001,
     "tie_word_embeddings": False,
 }
+# GPT-OSS (InternVL3.5-GPT-OSS-20B-A4B): attention with biases and a learned sink per head, sliding-window layers
+# alternating with full ones, yarn rope, 4 fused experts with biases (2 per token); the fields of gpt-oss-20b's config
+# (https://huggingface.co/openai/gpt-oss-20b/blob/main/config.json) at toy sizes, the window shortened to 8 tokens
+# so that it cuts into short test sequences.
+_GPT_OSS = {
+    **_LLM_COMMON,
+    "architectures": ["GptOssForCausalLM"],
+    "model_type": "gpt_oss",
+    "eos_token_id": 0,  # re-pointed at the tiny vocabulary's tokens (see _special_ids)
+    "pad_token_id": 0,
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "experts_per_token": 2,
+    "head_dim": 32,
+    "hidden_act": "silu",
+    "initial_context_length": 4096,
+    "intermediate_size": 48,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "max_position_embeddings": 131072,
+    "num_experts_per_tok": 2,
+    "num_local_experts": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "rope_type": "yarn",
+        "truncate": False,
+    },
+    "rope_theta": 150000,
+    "router_aux_loss_coef": 0.9,
+    "sliding_window": 8,
+    "swiglu_limit": 7.0,
+}
 _LLAMA = {
     **_LLM_COMMON,
     "architectures": ["LlamaForCausalLM"],
@@ -184,7 +220,7 @@ _LLAMA = {
 
 # name -> (tokenizer family, vision config, llm config, top-level overrides); the releases' config.json files
 # (model cards of OpenGVLab/InternVL2-*, Mini-InternVL-Chat-*-V1-5, InternVL-Chat-V1-5, InternVL2_5-1B,
-# InternVL3_5-1B, InternVL3_5-30B-A3B) at toy sizes.
+# InternVL3_5-1B, InternVL3_5-30B-A3B, InternVL3_5-GPT-OSS-20B-A4B) at toy sizes.
 TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
     "mini-internvl-chat-2b-v1-5": (
         "internlm2",
@@ -218,6 +254,14 @@ TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
         "qwen2",
         _VIT_300M,
         _QWEN3_MOE,
+        {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": False},
+    ),
+    # The model of InternVL3_5-GPT-OSS-20B-A4B with the Qwen tokenizer and template for now: the release's harmony
+    # template (internvl3_5_gpt_oss) and its tokenizer's special tokens are not implemented yet.
+    "internvl3_5-gpt-oss-20b-a4b": (
+        "qwen2",
+        _VIT_300M,
+        _GPT_OSS,
         {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": False},
     ),
 }
@@ -279,6 +323,7 @@ def _special_ids(tokenizer, llm: dict) -> dict[str, int]:
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
         "Qwen3MoeForCausalLM",
+        "GptOssForCausalLM",  # the Qwen tokenizer for now (see TINY_FAMILIES)
     ):  # bos <|endoftext|>, eos <|im_end|>
         ids["bos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         ids["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
