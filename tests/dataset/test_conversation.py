@@ -201,7 +201,7 @@ def test_system_message_versions_and_override(tokenizers):
 
 
 def test_template_table(tokenizers):
-    assert set(TEMPLATE_NAMES) == {"internlm2-chat", "Hermes-2", "phi3-chat", "internvl2_5"}
+    assert set(TEMPLATE_NAMES) == {"internlm2-chat", "Hermes-2", "phi3-chat", "internvl2_5", "internvl3_5_gpt_oss"}
     for name in ("internlm2-chat", "Hermes-2", "internvl2_5"):
         t = get_template(name)
         assert (t.system_template, t.roles) == ("<|im_start|>system\n{system_message}", CHATML[1:3])

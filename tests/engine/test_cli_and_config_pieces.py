@@ -17,21 +17,20 @@ from xtuner_vl.recipes.config import load_config
 def test_list_and_copy_cfg(capsys, tmp_path):
     assert main(["list-cfg", "-p", "internlm2_5_8b"]) == 0
     names = capsys.readouterr().out.split()
-    assert names == [
-        "internvl_v2_internlm2_5_8b_full",
-        "internvl_v2_internlm2_5_8b_lora",
-        "internvl_v2_internlm2_5_8b_qlora",
-    ]
-    for name in ("internvl_v2_qwen2_1b_lora", "internvl_v2_qwen2_1b_qlora"):
+    assert names == sorted(
+        f"internvl_v2{v}_internlm2_5_8b_{method}" for v in ("", "_5") for method in ("full", "lora", "qlora")
+    )
+    for name in ("internvl_v2_qwen2_1b_lora", "internvl_v2_qwen2_1b_qlora", "internvl_v3_5_qwen3_8b_full"):
         assert main(["copy-cfg", name, str(tmp_path / "mine")]) == 0
         copy = tmp_path / "mine" / f"{name}.py"
         text = copy.read_text()
         assert "_base_" not in text and load_config(str(copy)).to_dict() == load_config(name).to_dict()
         # One self-contained file, top to bottom: the model first, the runtime last, the official citation kept.
         order = [text.index(f"\n{key} = ") for key in ("model_path", "model", "train_dataset", "optim", "runtime")]
-        assert order == sorted(order) and "fine-tune of OpenGVLab/InternVL2-1B" in text.splitlines()[0]
+        release = load_config(name).model_path
+        assert order == sorted(order) and f"fine-tune of OpenGVLab/{release} " in text.splitlines()[0]
         # The leaf's own model_path drives model.path (the first thing a user edits).
-        copy.write_text(copy.read_text().replace("model_path = 'InternVL2-1B'", "model_path = '/data/my-1b'"))
+        copy.write_text(copy.read_text().replace(f"model_path = '{release}'", "model_path = '/data/my-1b'"))
         assert load_config(str(copy)).model.path == "/data/my-1b"
 
 

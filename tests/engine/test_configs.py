@@ -22,6 +22,7 @@ from xtuner_vl.tiny.data import make_synthetic_dataset
 CONFIGS = list_configs()
 # The tiny checkpoint of the same LLM family as each shipped config.
 FAMILY = {
+    "gpt_oss": "internvl3_5-gpt-oss-20b-a4b",
     "qwen3_moe": "internvl3_5-30b-a3b",
     "qwen3": "internvl3_5-1b",
     "qwen2_5": "internvl2_5-1b",
@@ -63,6 +64,7 @@ def test_config_tree_is_complete():
         + [
             "qwen3_moe_30b_a3b",
             "qwen3_moe_241b_a28b",
+            "gpt_oss_20b_a4b",
         ],
     }
     for version, models in new_wave.items():

@@ -2,11 +2,13 @@
 
 ``input_ids`` equal the official ones: for ``internlm2-chat``, ``Hermes-2`` and ``phi3-chat`` the tokenization
 of the whole joined prompt (with the special tokens the tokenizer itself prepends, e.g. BOS, and no EOS:
-the official code loads tokenizers with ``add_eos_token=False``); for ``internvl2_5`` the concatenated
-tokenization of each message block. Labels train each assistant answer and its closing separator, nothing
-else, like the official masking; but where the official code measures spans by re-tokenizing pieces and
-silently drops the whole sample when its counts disagree ("tokenization mismatch"), we find the span
-boundaries exactly and raise :class:`ConversationError` if a token straddles one.
+the official code loads tokenizers with ``add_eos_token=False``); for ``internvl2_5`` and ``internvl3_5_gpt_oss``
+the concatenated tokenization of each message block. Labels train each assistant answer and its closing separator
+(for ``internvl3_5_gpt_oss`` also the channel header, and ``<|return|>`` closes the last answer: see
+:mod:`xtuner_vl.dataset.templates`), nothing else, like the official masking; but where the official code
+measures spans by re-tokenizing pieces and silently drops the whole sample when its counts disagree
+("tokenization mismatch"), we find the span boundaries exactly and raise :class:`ConversationError` if a token
+straddles one.
 
 Boundaries are found on the prompt with every image collapsed to ``<img><IMG_CONTEXT></img>`` (cheap), then
 each ``<IMG_CONTEXT>`` is repeated to its image's token count. That is exact because the image tokens are
@@ -156,21 +158,26 @@ def _build_blocks(
     one per message for templates that tokenize each message on its own. ``leading`` answers come right
     after the system block."""
     user, assistant = template.roles
-    untrained_sep = template.sep[len(template.trained_sep) :]
+    masked_header = assistant[: len(assistant) - len(template.trained_header)]
     blocks: list[Pieces] = [[(template.system_template.format(system_message=system) + template.sep, False)]]
     # The official joined-prompt builder (conversation.py, MPT style) writes an empty message as a bare role
-    # header without separator, so an empty answer trains nothing; internvl2_5 always writes the separator.
+    # header without separator, so an empty answer trains nothing; per-message templates always write it.
     closed = template.per_message_tokenization
+    last = len(leading) + len(pairs) - 1  # index of the conversation's last answer
 
-    def answer_block(answer: str) -> Pieces:
+    def answer_block(answer: str, index: int) -> Pieces:
+        sep, trained_sep = template.sep, template.trained_sep
+        if index == last and template.last_sep is not None:
+            sep = trained_sep = template.last_sep
         if answer or closed:
-            return [(assistant, False), (answer + template.trained_sep, True), (untrained_sep, False)]
+            trained = template.trained_header + answer + trained_sep
+            return [(masked_header, False), (trained, True), (sep[len(trained_sep) :], False)]
         return [(assistant, False)]
 
-    blocks += [answer_block(answer) for answer in leading]
-    for question, answer in pairs:
+    blocks += [answer_block(answer, i) for i, answer in enumerate(leading)]
+    for i, (question, answer) in enumerate(pairs, start=len(leading)):
         blocks.append([(user + question + (template.sep if question or closed else ""), False)])
-        blocks.append(answer_block(answer))
+        blocks.append(answer_block(answer, i))
     if not template.per_message_tokenization:
         blocks = [[piece for block in blocks for piece in block]]
     merged_blocks = []
@@ -314,10 +321,10 @@ def tokenize_conversation(
     Args:
         conversations: ``[{"from": "human" | "gpt", "value": str}, ...]``, optionally opened by a
             ``{"from": "system"}`` turn that replaces the template's system message. Leading gpt turns are
-            dropped, except under ``internvl2_5``, which trains them as the official code does; the rest must
-            alternate human, gpt and end with gpt. As in the official prompt builder,
+            dropped, except under ``internvl2_5`` and ``internvl3_5_gpt_oss``, which train them as the official
+            code does; the rest must alternate human, gpt and end with gpt. As in the official prompt builder,
             an empty message becomes a bare role header (no separator, nothing trained), except for
-            ``internvl2_5``. Call
+            ``internvl2_5`` and ``internvl3_5_gpt_oss``. Call
             :func:`ensure_image_placeholder` first for single-image data that may lack ``<image>``.
         tokenizer: the checkpoint's tokenizer (``xtuner_vl.model.tokenizer.load_tokenizer``).
         template: a :class:`Template` or a template name (InternVL2 system messages).
@@ -326,7 +333,7 @@ def tokenize_conversation(
 
     Returns:
         ``(input_ids, labels)``, 1-D long tensors of equal length; labels are ``IGNORE_INDEX`` except on
-        each answer and its closing separator. No truncation.
+        each answer and its closing separator (and the trained tail of the assistant header). No truncation.
 
     Raises:
         ConversationError: empty conversation, unknown role, misplaced system turn, roles not alternating,

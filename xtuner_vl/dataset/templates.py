@@ -1,4 +1,4 @@
-"""Chat templates of the official InternVL 1.5 / 2 / 2.5 releases, as their fine-tuning code applies them.
+"""Chat templates of the official InternVL 1.5 / 2 / 2.5 / 3.5-GPT-OSS releases, as their fine-tuning code applies them.
 
 Every template uses InternVL's "MPT" layout: ``system_template.format(system_message=...) + sep``, then
 ``role + message + sep`` per turn. What differs between them, and is recorded here, is what the official
@@ -10,10 +10,19 @@ preprocess function of each template does around that layout:
 - ``internvl2_5`` (``preprocess_internvl2_5``): values kept verbatim; each message block is tokenized on
   its own and the ``\\n`` closing an assistant block is not trained; a conversation that opens with gpt
   turns keeps and trains them (the other preprocess functions drop a leading gpt turn).
+- ``internvl3_5_gpt_oss`` (``preprocess_internvl3_5_gpt_oss``, OpenGVLab/InternVL
+  ``internvl_chat_gpt_oss/internvl/train/dataset.py``): OpenAI's harmony format, one block per message tokenized on
+  its own like ``internvl2_5``: ``<|start|>system<|message|>...<|end|>``, ``<|start|>user<|message|>...<|end|>``,
+  ``<|start|>assistant<|channel|>final<|message|>...`` closed by ``<|return|>`` or ``<|end|>``. Only
+  ``<|start|>assistant`` is masked: the channel header, the answer and its closing token are trained. One
+  deviation: the official code picks ``<|return|>`` with a stale loop variable (``i`` of its ``<image>``
+  expansion loop, unbound for text-only samples, which then fail and are skipped); we apply the rule its comment
+  and the template's ``get_prompt`` state: ``<|return|>`` after the conversation's last message (an answer),
+  ``<|end|>`` after every other one.
 
 The default system message depends on the release that trained the checkpoint (see ``SYSTEM_MESSAGES``):
 InternVL-Chat-V1-5 / Mini-InternVL-V1-5 (``version="internvl1_5"``) used older messages than InternVL2
-(``version="internvl2"``); ``internvl2_5`` has its own.
+(``version="internvl2"``); ``internvl2_5`` and ``internvl3_5_gpt_oss`` have their own.
 """
 
 from __future__ import annotations
@@ -36,6 +45,12 @@ _INTERNVL2_SYSTEM = (
 )
 _INTERNVL2_5_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+# internvl_chat_gpt_oss/internvl/model/internvl_chat/conversation.py, template internvl3_5_gpt_oss.
+_GPT_OSS_SYSTEM = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every "
+    "message."
 )
 
 # InternVL3.5 "thinking" mode: the R1_SYSTEM_PROMPT of the InternVL3.5 model cards (``model.system_message =
@@ -63,12 +78,14 @@ SYSTEM_MESSAGES: dict[str, dict[str, str]] = {
         "Hermes-2": "Answer the questions.",
         "phi3-chat": "You are an AI assistant whose name is Phi-3.",
         "internvl2_5": _INTERNVL2_5_SYSTEM,
+        "internvl3_5_gpt_oss": _GPT_OSS_SYSTEM,
     },
     "internvl2": {
         "internlm2-chat": _INTERNVL2_SYSTEM,
         "Hermes-2": _INTERNVL2_SYSTEM,
         "phi3-chat": _INTERNVL2_SYSTEM,
         "internvl2_5": _INTERNVL2_5_SYSTEM,
+        "internvl3_5_gpt_oss": _GPT_OSS_SYSTEM,
     },
 }
 
@@ -85,6 +102,10 @@ class Template:
         sep: text closing the system block and every message.
         trained_sep: the leading part of ``sep`` that is trained after each answer (all of ``sep`` except
             for ``internvl2_5``, whose trailing ``\\n`` is not trained).
+        last_sep: closes the conversation's last answer instead of ``sep`` and is trained whole
+            (``<|return|>`` for ``internvl3_5_gpt_oss``); None: ``sep`` everywhere.
+        trained_header: the trailing part of the assistant header ``roles[1]`` that is trained with the answer
+            (the harmony channel header ``<|channel|>final<|message|>``); empty elsewhere.
         strip_values: whether message values are ``str.strip()``-ed (only ``preprocess_internlm`` does).
         expects_bos: whether the official masking assumes the tokenizer prepends BOS. Informational: our
             input ids always carry exactly the special tokens the tokenizer itself prepends.
@@ -104,6 +125,12 @@ class Template:
     expects_bos: bool = False
     per_message_tokenization: bool = False
     keeps_leading_answers: bool = False
+    last_sep: str | None = None
+    trained_header: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sep.startswith(self.trained_sep) or not self.roles[1].endswith(self.trained_header):
+            raise ValueError(f"template {self.name!r}: trained_sep must start sep, trained_header end roles[1]")
 
 
 _CHATML = dict(
@@ -126,6 +153,16 @@ _TEMPLATES: dict[str, dict] = {
         per_message_tokenization=True,
         keeps_leading_answers=True,
     ),
+    "internvl3_5_gpt_oss": dict(
+        system_template="<|start|>system<|message|>{system_message}",
+        roles=("<|start|>user<|message|>", "<|start|>assistant<|channel|>final<|message|>"),
+        sep="<|end|>",
+        trained_sep="<|end|>",
+        last_sep="<|return|>",
+        trained_header="<|channel|>final<|message|>",
+        per_message_tokenization=True,
+        keeps_leading_answers=True,
+    ),
 }
 TEMPLATE_NAMES = tuple(_TEMPLATES)
 
@@ -134,13 +171,14 @@ def get_template(name: str, system_message: str | None = None, version: str = "i
     """Build the template ``name`` with the system message of release ``version`` (or ``system_message``).
 
     Args:
-        name: ``internlm2-chat``, ``Hermes-2``, ``phi3-chat`` or ``internvl2_5`` (a checkpoint's
-            ``config.json`` ``template``).
+        name: ``internlm2-chat``, ``Hermes-2``, ``phi3-chat``, ``internvl2_5`` or ``internvl3_5_gpt_oss`` (a
+            checkpoint's ``config.json`` ``template``).
         system_message: overrides the release default when given (a config's ``system_message``); ``""``
             keeps an empty system block, as the official code does; ``"internvl3_5_thinking"`` is the InternVL3.5
             thinking prompt (:data:`THINKING_SYSTEM_PROMPT`).
         version: ``"internvl2"`` (InternVL2 defaults) or ``"internvl1_5"`` (the messages InternVL-Chat-V1-5
-            and Mini-InternVL-V1-5 were trained with). ``internvl2_5`` has one message for both.
+            and Mini-InternVL-V1-5 were trained with). ``internvl2_5`` and ``internvl3_5_gpt_oss`` have one message
+            for both.
 
     Returns:
         The frozen :class:`Template`.

@@ -16,6 +16,12 @@ the stopping rule are those of the official ``InternVLChatModel.chat``:
   the tokenizer's EOS only when the separator is not one token); the answer is the text before the
   separator, stripped, and it enters the history.
 
+``internvl3_5_gpt_oss`` (harmony): past answers are written ``<|start|>assistant<|channel|>final<|message|>`` +
+answer + ``<|end|>``, and the prompt ends with that whole header, where the official ``chat`` stops at
+``<|start|>assistant`` and lets the model write ``<|channel|>final<|message|>`` (trained, and the only channel
+its system message allows); the official history answers keep the header text the model wrote, so past turns are
+the same. Decoding stops at ``<|return|>`` (the official ``eos_token_id``) or ``<|end|>``.
+
 Interactive mode: ``exit``, ``quit`` or end of input stop, ``/reset`` starts a new conversation about the
 same images, empty lines are ignored. ``prompt_log`` appends one JSON line per turn (prompt text, its token
 ids, the answer) for checking a template.
@@ -87,7 +93,8 @@ def visual_inputs(
 def official_prompt(
     template: Template, history: Sequence[tuple[str, str]], question: str, counts: Sequence[int]
 ) -> str:
-    """The prompt of the official ``chat``: system, past turns, ``question``, the assistant header.
+    """The prompt of the official ``chat``: system, past turns, ``question``, the assistant header (for
+    ``internvl3_5_gpt_oss`` with the ``final`` channel header the official leaves to the model).
 
     The ``<image>`` placeholders, all in the conversation's first question, become ``<img>`` +
     ``<IMG_CONTEXT>`` x count + ``</img>``; placeholders typed in later questions stay text, as in the official
@@ -153,10 +160,14 @@ class _TokenStreamer(BaseStreamer):
 
 
 def stop_token_ids(tokenizer: Any, template: Template) -> list[int]:
-    """The ids that end an answer: the template's separator token (where the official ``chat`` stops), then the
-    tokenizer's EOS, so a model that ends with either never runs on."""
-    sep = tokenizer.convert_tokens_to_ids(template.sep.strip())
-    ids = [sep] if isinstance(sep, int) and sep != tokenizer.unk_token_id else []
+    """The ids that end an answer: the template's separator token (where the official ``chat`` stops: ``sep2``, our
+    ``last_sep``, ``<|return|>`` for ``internvl3_5_gpt_oss``), then ``sep`` where that differs (``<|end|>``), then
+    the tokenizer's EOS, so a model that ends with any of them never runs on."""
+    ids: list[int] = []
+    for text in (template.last_sep, template.sep):
+        token = None if text is None else tokenizer.convert_tokens_to_ids(text.strip())
+        if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
+            ids.append(token)
     eos = tokenizer.eos_token_id
     return ids + ([eos] if eos is not None and eos not in ids else [])
 

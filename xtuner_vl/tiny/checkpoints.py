@@ -174,7 +174,7 @@ _GPT_OSS = {
     **_LLM_COMMON,
     "architectures": ["GptOssForCausalLM"],
     "model_type": "gpt_oss",
-    "eos_token_id": 0,  # re-pointed at the tiny vocabulary's tokens (see _special_ids)
+    "eos_token_id": 0,  # re-pointed at the tiny vocabulary's <|return|> and <|endoftext|> (see _special_ids)
     "pad_token_id": 0,
     "attention_bias": True,
     "attention_dropout": 0.0,
@@ -256,13 +256,11 @@ TINY_FAMILIES: dict[str, tuple[str, dict, dict, dict]] = {
         _QWEN3_MOE,
         {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": False},
     ),
-    # The model of InternVL3_5-GPT-OSS-20B-A4B with the Qwen tokenizer and template for now: the release's harmony
-    # template (internvl3_5_gpt_oss) and its tokenizer's special tokens are not implemented yet.
     "internvl3_5-gpt-oss-20b-a4b": (
-        "qwen2",
+        "gpt_oss",
         _VIT_300M,
         _GPT_OSS,
-        {"template": "internvl2_5", "ps_version": "v2", "tie_word_embeddings": False},
+        {"template": "internvl3_5_gpt_oss", "ps_version": "v2", "tie_word_embeddings": False},
     ),
 }
 
@@ -323,7 +321,6 @@ def _special_ids(tokenizer, llm: dict) -> dict[str, int]:
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
         "Qwen3MoeForCausalLM",
-        "GptOssForCausalLM",  # the Qwen tokenizer for now (see TINY_FAMILIES)
     ):  # bos <|endoftext|>, eos <|im_end|>
         ids["bos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         ids["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")

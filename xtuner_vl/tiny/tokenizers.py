@@ -14,6 +14,10 @@ on a small built-in corpus), so the ids differ from the real ones; ask the token
 - ``llama`` (InternVL2-40B, Nous-Hermes-2-Yi-34B): Yi's sentencepiece layout (``<|startoftext|>``,
   ``<|endoftext|>``, ChatML tokens at ids 6-8, no dummy prefix), ``LlamaTokenizer``, no BOS.
   InternVL2-76B's Llama-3 tiktoken-style tokenizer is not modelled.
+- ``gpt_oss`` (InternVL3_5-GPT-OSS-20B-A4B): gpt-oss-20b's o200k_harmony layout (``tokenizer.json`` only,
+  ``PreTrainedTokenizerFast``): byte-level BPE with the o200k split regex and ``ignore_merges``, no BOS added,
+  then the 21 harmony special tokens (ids 199998-200018 in the real vocab, ``<|reserved_*|>`` ones included),
+  as https://huggingface.co/openai/gpt-oss-20b ``tokenizer_config.json`` lists them; ``<|return|>`` is EOS.
 """
 
 from __future__ import annotations
@@ -69,7 +73,27 @@ PHI3_TOKENS = (
 QWEN2_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Yi: ids 3-5 are reserved pieces (unused by InternVL), ChatML tokens at 6-8.
 YI_PIECES = ("<|reserved_3|>", "<|reserved_4|>", "<|reserved_5|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>")
-TOKENIZER_FAMILIES = ("internlm2", "phi3", "qwen2", "llama")
+# gpt-oss-20b's added tokens, in id order (199998-200018 in the real vocab).
+GPT_OSS_TOKENS = (
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|reserved_200000|>",
+    "<|reserved_200001|>",
+    "<|return|>",
+    "<|constrain|>",
+    "<|reserved_200004|>",
+    "<|channel|>",
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|reserved_200009|>",
+    "<|reserved_200010|>",
+    "<|reserved_200011|>",
+    "<|call|>",
+    *(f"<|reserved_{i}|>" for i in range(200013, 200018)),
+    "<|endofprompt|>",
+)
+TOKENIZER_FAMILIES = ("internlm2", "phi3", "qwen2", "llama", "gpt_oss")
 
 _SP_VOCAB = 640  # sentencepiece pieces (with the family's own user-defined pieces)
 _BPE_VOCAB = 640  # byte-level BPE vocab before added tokens
@@ -88,6 +112,24 @@ _QWEN2_CHAT_TEMPLATE = (
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# o200k_base's pre-tokenization regex (openai/tiktoken tiktoken_ext/openai_public.py), which o200k_harmony keeps.
+_O200K_SPLIT = "|".join(
+    (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    )
+)
+_GPT_OSS_CORPUS = (  # harmony words and InternVL3.5-GPT-OSS's default system message, for the gpt_oss vocab only
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every "
+    "message.",
+    "assistant final analysis commentary user system developer tool functions",
 )
 
 # ------------------------------------------------------------------------------------------- corpus
@@ -185,21 +227,25 @@ def _save_fast(fast: Tokenizer, path: Path, decoder: dict | None = None, **model
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_common(out: Path, config: dict[str, Any], decoder: dict[int, dict], first_added: int) -> int:
-    """Write tokenizer_config.json, special_tokens_map.json and added_tokens.json as transformers 4.37 did."""
+def _write_common(out: Path, config: dict[str, Any], decoder: dict[int, dict], first_added: int | None) -> int:
+    """Write tokenizer_config.json, special_tokens_map.json and added_tokens.json as transformers 4.37 did
+    (4.55 with a fast-only tokenizer: ``first_added=None`` writes no added_tokens.json)."""
     config = {
         **config,
         "added_tokens_decoder": {str(i): decoder[i] for i in sorted(decoder)},
         "model_max_length": _MODEL_MAX_LENGTH,
     }
     _write_json(out / "tokenizer_config.json", config)
-    special_map: dict[str, Any] = {"additional_special_tokens": config["additional_special_tokens"]}
+    special_map: dict[str, Any] = {}
+    if "additional_special_tokens" in config:
+        special_map["additional_special_tokens"] = config["additional_special_tokens"]
     by_content = {d["content"]: d for d in decoder.values()}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         if config.get(key) is not None:
             special_map[key] = {k: v for k, v in by_content[config[key]].items() if k != "special"}
     _write_json(out / "special_tokens_map.json", special_map)
-    _write_json(out / "added_tokens.json", {d["content"]: i for i, d in decoder.items() if i >= first_added})
+    if first_added is not None:
+        _write_json(out / "added_tokens.json", {d["content"]: i for i, d in decoder.items() if i >= first_added})
     return max(decoder) + 1
 
 
@@ -371,14 +417,62 @@ def _write_llama(out: Path) -> int:
     return _write_common(out, config, decoder, n)
 
 
-_WRITERS = {"internlm2": _write_internlm2, "phi3": _write_phi3, "qwen2": _write_qwen2, "llama": _write_llama}
+def _write_gpt_oss(out: Path) -> int:
+    fast = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
+    fast.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_O200K_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    fast.decoder = decoders.ByteLevel()
+    fast.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    fast.train_from_iterator([*_corpus(), *_GPT_OSS_CORPUS * 8], trainer=trainer)
+    n = fast.get_vocab_size()
+    decoder = {n + k: _added(t) for k, t in enumerate(GPT_OSS_TOKENS + IMAGE_TOKENS)}
+    fast.add_special_tokens([AddedToken(**d) for _, d in sorted(decoder.items())])
+    # tokenizer.json laid out as transformers' TikTokenConverter (convert_slow_tokenizer.py) builds a tiktoken
+    # vocab: merges as pairs, ignore_merges on, ByteLevel decoder and post-processor with their default options.
+    data = json.loads(fast.to_str())
+    data["model"].update(ignore_merges=True, continuing_subword_prefix="", end_of_word_suffix="")
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    (out / "tokenizer.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # tokenizer_config.json as transformers 4.55 saves it after InternVL's training code loaded the tokenizer with
+    # add_eos_token=False and added the image tokens with add_tokens(..., special_tokens=True).
+    config = {
+        "add_eos_token": False,
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|return|>",
+        "extra_special_tokens": {},
+        "model_input_names": ["input_ids", "attention_mask"],
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    return _write_common(out, config, decoder, None)
+
+
+_WRITERS = {
+    "internlm2": _write_internlm2,
+    "phi3": _write_phi3,
+    "qwen2": _write_qwen2,
+    "llama": _write_llama,
+    "gpt_oss": _write_gpt_oss,
+}
 
 
 def write_tiny_tokenizer(family: str, out_dir: str | os.PathLike) -> int:
     """Write a tiny tokenizer of ``family`` in the official InternVL on-disk format; same bytes every run.
 
     Args:
-        family: one of ``internlm2``, ``phi3``, ``qwen2``, ``llama`` (see the module docstring).
+        family: one of ``internlm2``, ``phi3``, ``qwen2``, ``llama``, ``gpt_oss`` (see the module docstring).
         out_dir: directory to write into (created if missing); existing tokenizer files are overwritten.
 
     Returns:

@@ -2,7 +2,7 @@
 # Official recipe, OpenGVLab/InternVL internvl_chat_gpt_oss/shell/internvl3_5_qwen3/internvl3_5_4b_sft.sh:
 # ViT, mlp1 and LLM trained, lr 8e-05, weight decay 0.05, drop_path 0.0, global batch 512 packed rows of
 # 32768 tokens (up to 96 tiles) at 1 per GPU, loss_reduction square, DeepSpeed ZeRO-3; epochs instead of the
-# script's 8000 steps (see _base_/schedules/internvl3_5_sft.py).
+# script's 8000 steps (see the schedules/internvl3_5_sft.py base).
 _base_ = [
     "../_base_/schedules/internvl3_5_sft.py",
     "../_base_/models/internvl_v3_5_qwen3_4b.py",
