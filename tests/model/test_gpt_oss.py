@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.model.helpers import answer_labels, image_text_inputs, train_tiny, weight_keys
 from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.loader import open_checkpoint, stream_into
-from xtuner_vl.model.weights import tensor_shapes, weight_files
 from xtuner_vl.recipes.model_wrapper import build_model_wrapper
 from xtuner_vl.tiny.checkpoints import make_tiny
 
@@ -27,40 +27,19 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(FAMILY, tmp_path_factory.mktemp("gpt_oss"))
 
 
-def _keys(path: Path) -> set[str]:
-    return set().union(*(tensor_shapes(file) for file in weight_files(path)))
-
-
-def _inputs(model, seq: int = 24) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(20, 300, (seq,), generator=g)
-    ids = torch.cat([text[:3], torch.full((model.num_image_token,), model.img_context_token_id), text[3:]])[None]
-    return {
-        "pixel_values": torch.randn(1, 3, 448, 448, generator=g),
-        "input_ids": ids,
-        "image_flags": torch.ones(1, dtype=torch.long),
-    }
-
-
-def _labels(model, inputs) -> torch.Tensor:
-    labels = inputs["input_ids"].clone()
-    labels[:, : 3 + model.num_image_token] = -100
-    return labels
-
-
 def test_official_keys_round_trip_and_eager_attention(ckpt, tmp_path):
-    keys = _keys(ckpt)
+    keys = weight_keys(ckpt)
     for name in ("self_attn.sinks", "self_attn.o_proj.bias", "mlp.router.bias", "mlp.experts.gate_up_proj_bias"):
         assert LAYER.format(1) + name in keys
     model = load_internvl(ckpt, dtype=torch.float32, attn_implementation="sdpa")
     lm = model.language_model
     assert type(lm).__name__ == "GptOssForCausalLM" and lm.config._attn_implementation == "eager"  # sinks
     assert lm.model.layers[0].self_attn.sliding_window == 8 and lm.model.layers[1].self_attn.sliding_window is None
-    inputs = _inputs(model)
+    inputs = image_text_inputs(model)
     with torch.no_grad():
         logits = model(**inputs).logits
     save_official(model, tmp_path / "saved", source_dir=ckpt, dtype=torch.float32)
-    assert _keys(tmp_path / "saved") == keys
+    assert weight_keys(tmp_path / "saved") == keys
     for again in (
         load_internvl(tmp_path / "saved", dtype=torch.float32),
         stream_into(open_checkpoint(tmp_path / "saved"), torch.float32, "cpu"),
@@ -74,8 +53,8 @@ def test_router_loss_is_always_on_as_the_official_script_sets_it(ckpt):
     config = json.loads((ckpt / "config.json").read_text())["llm_config"]
     assert config["output_router_logits"] is False and model.moe
     assert model.router_aux_loss_coef == config["router_aux_loss_coef"] == 0.9
-    inputs = _inputs(model)
-    labels = _labels(model, inputs)
+    inputs = image_text_inputs(model)
+    labels = answer_labels(model, inputs)
     with torch.no_grad():
         out = model(**inputs, labels=labels)
         model.router_aux_loss_coef = 0.0
@@ -102,8 +81,8 @@ def test_qlora_quantizes_attention_and_keeps_the_experts(ckpt):
     model = s.build(torch.device("cpu"))
     layer = model.language_model.get_base_model().model.layers[0]
     assert isinstance(layer.self_attn.q_proj.get_base_layer(), bnb.nn.Linear4bit)
-    inputs = _inputs(model)
-    model(**inputs, labels=_labels(model, inputs)).loss.backward()
+    inputs = image_text_inputs(model)
+    model(**inputs, labels=answer_labels(model, inputs)).loss.backward()
 
 
 def test_active_parameters_count_k_of_the_fused_experts(ckpt):
@@ -120,29 +99,15 @@ def test_active_parameters_count_k_of_the_fused_experts(ckpt):
 
 
 def test_lora_training_learns_and_merges_into_the_official_layout(ckpt, tmp_path, monkeypatch, lone_process):
-    from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
     from xtuner_vl.recipes.convert import convert
-    from xtuner_vl.recipes.train import train
-    from xtuner_vl.tiny.data import make_synthetic_dataset
 
-    data, images = make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=1)
-    monkeypatch.setenv("XTUNER_VL_CACHE", str(tmp_path / "cache"))
-    options = {
-        "model.path": str(ckpt),
-        "train_dataset.data_paths": [str(data)],
-        "train_dataset.image_folders": [str(images)],
-        "schedule.epochs": 3,
-        "runtime.save_steps": 100,
-    }
-    config = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py")
-    work = train(config, work_dir=str(tmp_path / "work"), cfg_options=options)
-    records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    work, records = train_tiny("tiny_internvl2_lora", ckpt, tmp_path, monkeypatch)
     losses = [r["loss"] for r in records]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
     assert all(r["router_aux_loss"] > 0 for r in records)
     (dumped,) = work.glob("*.py")
     out = convert(str(dumped), str(work), str(tmp_path / "official"))
-    assert _keys(out) == _keys(ckpt)
+    assert weight_keys(out) == weight_keys(ckpt)
     merged, original = load_internvl(out, dtype=torch.float32), load_internvl(ckpt, dtype=torch.float32)
     state, base = merged.state_dict(), original.state_dict()
     assert not torch.equal(

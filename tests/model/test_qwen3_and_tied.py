@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.model.helpers import train_tiny
 from tests.model.reference import reference_logits
-from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.loader import open_checkpoint, stream_into
 from xtuner_vl.model.weights import read_state_dict, weight_files
 from xtuner_vl.tiny.checkpoints import make_tiny
-from xtuner_vl.tiny.data import make_synthetic_dataset
 
 HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
@@ -134,21 +133,10 @@ def test_full_fine_tuning_step_updates_one_shared_tensor(ckpts):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_training_learns_and_converts_to_official(ckpts, tmp_path, monkeypatch, lone_process, method):
     from xtuner_vl.recipes.convert import convert
-    from xtuner_vl.recipes.train import train
 
     base = ckpts["qwen3_tied"]
-    data, images = make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=1)
-    monkeypatch.setenv("XTUNER_VL_CACHE", str(tmp_path / "cache"))
-    options = {
-        "model.path": str(base),
-        "train_dataset.data_paths": [str(data)],
-        "train_dataset.image_folders": [str(images)],
-        "schedule.epochs": 3,
-        "runtime.save_steps": 100,
-    }
-    config = str(CONFIG_ROOT / "tiny" / f"tiny_internvl2_{method}.py")
-    work = train(config, work_dir=str(tmp_path / "work"), cfg_options=options)
-    losses = [json.loads(line)["loss"] for line in (work / "train_log.jsonl").read_text().splitlines()]
+    work, records = train_tiny(f"tiny_internvl2_{method}", base, tmp_path, monkeypatch)
+    losses = [r["loss"] for r in records]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
 
     (dumped,) = work.glob("*.py")

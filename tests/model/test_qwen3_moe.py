@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.model.helpers import answer_labels, image_text_inputs, train_tiny, weight_keys
 from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.loader import open_checkpoint, stream_into
 from xtuner_vl.model.moe import ExpertLinears, expert_parameter_counts, router_aux_loss
-from xtuner_vl.model.weights import tensor_shapes, weight_files
 from xtuner_vl.recipes.model_wrapper import build_model_wrapper
 from xtuner_vl.tiny.checkpoints import make_tiny
 
@@ -28,24 +28,8 @@ def moe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(FAMILY, tmp_path_factory.mktemp("moe"))
 
 
-def _keys(path: Path) -> set[str]:
-    return set().union(*(tensor_shapes(file) for file in weight_files(path)))
-
-
-def _inputs(model, seq: int = 24) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ctx = model.img_context_token_id
-    text = torch.randint(20, 600, (seq,), generator=g)
-    ids = torch.cat([text[:3], torch.full((model.num_image_token,), ctx), text[3:]])[None]
-    return {
-        "pixel_values": torch.randn(1, 3, 448, 448, generator=g),
-        "input_ids": ids,
-        "image_flags": torch.ones(1, dtype=torch.long),
-    }
-
-
 def test_official_expert_keys_round_trip(moe_ckpt, tmp_path):
-    keys = _keys(moe_ckpt)
+    keys = weight_keys(moe_ckpt)
     cfg = json.loads((moe_ckpt / "config.json").read_text())["llm_config"]
     for layer in range(cfg["num_hidden_layers"]):  # the transformers 4.55 layout the official code stores
         assert f"language_model.model.layers.{layer}.mlp.gate.weight" in keys
@@ -55,11 +39,11 @@ def test_official_expert_keys_round_trip(moe_ckpt, tmp_path):
     model = load_internvl(moe_ckpt, dtype=torch.float32)
     assert type(model.language_model).__name__ == "Qwen3MoeForCausalLM"
     assert isinstance(model.language_model.model.layers[0].mlp.experts, ExpertLinears)
-    inputs = _inputs(model)
+    inputs = image_text_inputs(model, high=600)
     with torch.no_grad():
         logits = model(**inputs).logits
     save_official(model, tmp_path / "saved", source_dir=moe_ckpt, dtype=torch.float32)
-    assert _keys(tmp_path / "saved") == keys
+    assert weight_keys(tmp_path / "saved") == keys
     for again in (
         load_internvl(tmp_path / "saved", dtype=torch.float32),
         stream_into(open_checkpoint(tmp_path / "saved"), torch.float32, "cpu"),
@@ -123,9 +107,8 @@ def test_aux_loss_enters_the_loss_as_the_official_rule(moe_ckpt, tmp_path):
     on = make_tiny(FAMILY, tmp_path / "on", llm_overrides={"output_router_logits": True, "router_aux_loss_coef": 0.25})
     model_on = load_internvl(on, dtype=torch.float32)
     assert model_on.router_aux_loss_coef == 0.25
-    inputs = _inputs(model_on)
-    labels = inputs["input_ids"].clone()
-    labels[:, : 3 + model_on.num_image_token] = -100
+    inputs = image_text_inputs(model_on, high=600)
+    labels = answer_labels(model_on, inputs)
     with torch.no_grad():
         out = model_on(**inputs, labels=labels)
         model_on.router_aux_loss_coef = 0.0
@@ -156,9 +139,8 @@ def test_lora_and_qlora_reach_the_experts(moe_ckpt):
     model = qlora.build(torch.device("cpu"))
     expert = model.language_model.get_base_model().model.layers[1].mlp.experts[0].up_proj
     assert isinstance(expert.get_base_layer(), bnb.nn.Linear4bit)
-    inputs = _inputs(model)
-    labels = inputs["input_ids"].clone()
-    labels[:, : 3 + model.num_image_token] = -100
+    inputs = image_text_inputs(model, high=600)
+    labels = answer_labels(model, inputs)
     model(**inputs, labels=labels).loss.backward()
     assert expert.lora_B["default"].weight.grad is not None
 
@@ -198,30 +180,15 @@ def test_chat_with_the_thinking_prompt_uses_the_official_chatml_ids(moe_ckpt, tm
 def test_lora_on_experts_learns_and_merges_into_the_official_layout(moe_ckpt, tmp_path, monkeypatch, lone_process):
     """One-process LoRA training of the MoE family lowers the loss, logs the router loss, and convert merges
     the expert adapters into the per-expert official keys."""
-    from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
     from xtuner_vl.recipes.convert import convert
-    from xtuner_vl.recipes.train import train
-    from xtuner_vl.tiny.data import make_synthetic_dataset
 
-    data, images = make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=1)
-    monkeypatch.setenv("XTUNER_VL_CACHE", str(tmp_path / "cache"))
-    options = {
-        "model.path": str(moe_ckpt),
-        "train_dataset.data_paths": [str(data)],
-        "train_dataset.image_folders": [str(images)],
-        "schedule.epochs": 3,
-        "runtime.save_steps": 100,
-    }
-    work = train(
-        str(CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py"), work_dir=str(tmp_path / "work"), cfg_options=options
-    )
-    records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    work, records = train_tiny("tiny_internvl2_lora", moe_ckpt, tmp_path, monkeypatch)
     losses = [r["loss"] for r in records]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
     assert all(r["router_aux_loss"] > 0 for r in records)
     (dumped,) = work.glob("*.py")
     out = convert(str(dumped), str(work), str(tmp_path / "official"))
-    assert _keys(out) == _keys(moe_ckpt)
+    assert weight_keys(out) == weight_keys(moe_ckpt)
     merged, original = load_internvl(out, dtype=torch.float32), load_internvl(moe_ckpt, dtype=torch.float32)
     key = EXPERT.format(1, 0, "down_proj")
     assert not torch.equal(merged.state_dict()[key], original.state_dict()[key])  # the expert's adapter merged

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +343,19 @@ def _write_phi3(out: Path) -> int:
     return _write_common(out, config, decoder, n)
 
 
+def _train_byte_level(fast: Tokenizer, corpus: Iterable[str]) -> int:
+    """Train ``fast``'s BPE model on ``corpus`` over the 256 byte-level symbols; returns its vocabulary size."""
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    fast.train_from_iterator(corpus, trainer=trainer)
+    return fast.get_vocab_size()
+
+
 def _write_qwen2(out: Path) -> int:
     fast = Tokenizer(models.BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
     fast.normalizer = normalizers.NFC()
@@ -354,15 +367,7 @@ def _write_qwen2(out: Path) -> int:
     )
     fast.decoder = decoders.ByteLevel()
     fast.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    fast.train_from_iterator(_corpus(), trainer=trainer)
-    n = fast.get_vocab_size()
+    n = _train_byte_level(fast, _corpus())
     decoder = {n + k: _added(t) for k, t in enumerate(QWEN2_TOKENS + IMAGE_TOKENS)}
     fast.add_special_tokens([AddedToken(**d) for _, d in sorted(decoder.items())])
     byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
@@ -427,15 +432,7 @@ def _write_gpt_oss(out: Path) -> int:
     )
     fast.decoder = decoders.ByteLevel()
     fast.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    fast.train_from_iterator([*_corpus(), *_GPT_OSS_CORPUS * 8], trainer=trainer)
-    n = fast.get_vocab_size()
+    n = _train_byte_level(fast, [*_corpus(), *_GPT_OSS_CORPUS * 8])
     decoder = {n + k: _added(t) for k, t in enumerate(GPT_OSS_TOKENS + IMAGE_TOKENS)}
     fast.add_special_tokens([AddedToken(**d) for _, d in sorted(decoder.items())])
     # tokenizer.json laid out as transformers' TikTokenConverter (convert_slow_tokenizer.py) builds a tiktoken
