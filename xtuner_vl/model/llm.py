@@ -39,7 +39,7 @@ from xtuner_vl.model.internlm2 import InternLM2ForCausalLM, internlm2_llama_conf
 from xtuner_vl.model.loss import OutputHead
 from xtuner_vl.model.moe import use_expert_linears
 
-__all__ = ["build_llm", "build_llm_config", "is_tied", "LORA_TARGETS", "SINK_ATTENTION"]
+__all__ = ["build_llm", "build_llm_config", "is_tied", "LORA_TARGETS"]
 
 # Keys that describe how a config was produced or loaded, never the architecture.
 _BOOKKEEPING = {
@@ -76,23 +76,19 @@ LORA_TARGETS = {
 }
 LORA_TARGETS["LlamaForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
 LORA_TARGETS["Qwen3ForCausalLM"] = LORA_TARGETS["Qwen2ForCausalLM"]
+_ATTENTION_TARGETS = [t for t in LORA_TARGETS["Qwen2ForCausalLM"] if t.startswith("self_attn.")]
 # Qwen3-MoE: attention, and every expert's linears ("gate_proj" matches mlp.experts.E.gate_proj, and the dense
 # mlp.gate_proj of any mlp_only_layers); the router (mlp.gate) is a bare weight and stays out.
-LORA_TARGETS["Qwen3MoeForCausalLM"] = [t for t in LORA_TARGETS["Qwen2ForCausalLM"] if t.startswith("self_attn.")] + [
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-]
+LORA_TARGETS["Qwen3MoeForCausalLM"] = [*_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"]
 
 # GPT-OSS (InternVL3.5-GPT-OSS-20B-A4B): attention. Its experts are fused 3-D weights, not linears (transformers 4.55
 # and 5 alike, as the checkpoint stores them); peft reaches them only through target_parameters, whose adapters
 # `xtuner-vl convert` does not merge yet, so they train neither.
-LORA_TARGETS["GptOssForCausalLM"] = [t for t in LORA_TARGETS["Qwen2ForCausalLM"] if t.startswith("self_attn.")]
+LORA_TARGETS["GptOssForCausalLM"] = _ATTENTION_TARGETS
 
 # GPT-OSS attention adds a learned sink logit per head to the softmax, which SDPA, flash-attention 2 and torch's varlen
 # kernel do not compute; transformers' eager attention does (so does its flex attention, not offered here: it could
-# not be checked on CPU), so GPT-OSS runs on eager attention whatever is asked for.
-SINK_ATTENTION = ("eager",)
+# not be checked on CPU), so GPT-OSS runs on eager attention whatever is asked for (build_llm_config).
 
 # transformers-native families: architecture name -> (config class, model class).
 _NATIVE = {
@@ -142,7 +138,7 @@ def build_llm_config(llm_config: dict[str, Any], attn_implementation: str = "sdp
         else:
             raise ValueError(f"unsupported LLM architecture {arch!r}")
         cfg.architectures = [arch]
-    if arch == "GptOssForCausalLM" and attn_implementation not in SINK_ATTENTION:
+    if arch == "GptOssForCausalLM":  # the attention sinks (see above)
         attn_implementation = "eager"
     cfg._attn_implementation = attn_implementation
     return cfg

@@ -5,7 +5,7 @@ InternVL3.5-30B-A3B and 241B-A28B store each expert as three linears,
 ``Qwen3MoeSparseMoeBlock`` their code runs on (OpenGVLab/InternVL ``internvl_chat_gpt_oss/``). transformers 5's
 ``Qwen3MoeForCausalLM`` keeps everything else (attention, router ``mlp.gate.weight``, dense layers) with the
 same keys but fuses the experts into two 3-D tensors. :func:`use_expert_linears` puts the per-expert layout back
-into transformers' own model, built from its own ``Qwen3MoeMLP``, so that
+into transformers' own model (each expert computed as its ``Qwen3MoeMLP``), so that
 
 - the checkpoint's keys are the model's keys: loading, streaming, ZeRO-3 partitioned loading and saving
   need no conversion, and a saved model is the official layout again;
@@ -88,14 +88,13 @@ def use_expert_linears(llm: nn.Module) -> nn.Module:
 
 
 def is_moe(llm: nn.Module) -> bool:
-    """Whether ``llm`` routes tokens to experts (Qwen3-MoE's :class:`ExpertLinears`, GPT-OSS's fused experts, which
-    every forward calls whole)."""
-    return any(isinstance(m, ExpertLinears | GptOssExperts) for m in llm.modules())
+    """Whether ``llm`` routes tokens to experts (has :func:`expert_modules`)."""
+    return bool(expert_modules(llm))
 
 
 def expert_modules(llm: nn.Module) -> list[nn.Module]:
-    """The expert containers of ``llm``: :class:`ExpertLinears` (one module per expert) or GPT-OSS's fused experts
-    (3-D weights, expert first)."""
+    """The expert containers of ``llm``: Qwen3-MoE's :class:`ExpertLinears` (one module per expert) or GPT-OSS's fused
+    experts (3-D weights, expert first), which every forward calls whole."""
     return [m for m in llm.modules() if isinstance(m, ExpertLinears | GptOssExperts)]
 
 

@@ -172,8 +172,6 @@ def layer_spec(
         if expert is not None and expert.isdigit() and int(expert) >= (active_experts or 0):
             continue
         if isinstance(mod, LoraLayer):
-            if leaf not in _GROUPS:  # LoRA on fused expert weights (GPT-OSS): no linear to describe
-                continue
             base, rank = mod.get_base_layer(), mod.r["default"]
             linears.append(
                 me.LinearSpec(_GROUPS[leaf], base.in_features, base.out_features, base.weight.requires_grad, rank)
