@@ -1,4 +1,5 @@
-"""``--format hf`` / ``--from-hf`` for the InternVL 2.5 / 3 / 3.5 backbones: Qwen2.5, Qwen3 (tied head), Qwen3-MoE.
+"""``--format hf`` / ``--from-hf`` for the InternVL 2.5 / 3 / 3.5 backbones: Qwen2.5, Qwen3 (tied head), Qwen3-MoE,
+GPT-OSS (its keys are transformers' own on both sides; eager attention for the sinks).
 
 transformers 5 loads the per-expert Qwen3-MoE keys of the export by fusing them (the ``qwen2_moe`` entry of
 ``transformers/conversion_mapping.py``); its ``save_pretrained`` writes them per expert again, or fused with
@@ -29,9 +30,12 @@ FAMILIES = {
     "internvl2_5-1b": ("qwen2", False),
     "internvl3_5-1b": ("qwen3", True),
     "internvl3_5-30b-a3b": ("qwen3_moe", False),
+    "internvl3_5-gpt-oss-20b-a4b": ("gpt_oss", False),
 }
 MOE = "internvl3_5-30b-a3b"
-LLM_IGNORED = ("transformers_version", "layer_types", "sliding_window")
+# transformers 5's additions: layer_types, Qwen2's unused sliding_window, GPT-OSS's swiglu_alpha (the 1.702 its
+# transformers 4.55 class hard-codes)
+LLM_IGNORED = ("transformers_version", "layer_types", "sliding_window", "swiglu_alpha")
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +125,8 @@ def test_import_round_trip_is_bitwise(hf_dirs, tiny_ckpt, family, with_base, tmp
 
 @pytest.mark.parametrize(
     ("family", "original_format"),
-    [(MOE, True), (MOE, False), ("internvl3_5-1b", True)],
-    ids=["moe", "moe-fused", "tied"],
+    [(MOE, True), (MOE, False), ("internvl3_5-1b", True), ("internvl3_5-gpt-oss-20b-a4b", True)],
+    ids=["moe", "moe-fused", "tied", "gpt-oss"],
 )
 def test_import_of_transformers_save_pretrained(hf_dirs, tiny_ckpt, family, original_format, tmp_path):
     saved = tmp_path / "saved"
@@ -133,7 +137,7 @@ def test_import_of_transformers_save_pretrained(hf_dirs, tiny_ckpt, family, orig
         fused = (keys.get(experts + "gate_up_proj"), keys.get(experts + "down_proj"))
         assert (experts + "0.gate_proj.weight" in keys) is original_format
         assert fused == ((None, None) if original_format else ((4, 96, 64), (4, 64, 48)))
-    else:
+    elif FAMILIES[family][1]:
         assert "lm_head.weight" not in keys
     for base in (tiny_ckpt(family), None):
         _assert_same_weights(
@@ -156,9 +160,12 @@ def test_head_that_differs_from_embedding_is_not_tied(hf_dirs, tiny_ckpt, tmp_pa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_internvl2_5_chat_template_is_the_official_prompt(hf_dirs, family):
+def test_chat_template_is_the_official_prompt(hf_dirs, tiny_ckpt, family):
+    """internvl2_5 (ChatML) and the harmony ``internvl3_5_gpt_oss``: past answers closed by the separator, the
+    assistant header (with the ``final`` channel for harmony) left open."""
     processor = AutoProcessor.from_pretrained(str(hf_dirs[family]))
-    template = get_template("internvl2_5")
+    name = json.loads((tiny_ckpt(family) / "config.json").read_text())["template"]
+    template = get_template(name)
     history = [("<IMG_CONTEXT>\nWhat is it?", "A cat.")]
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
@@ -167,10 +174,15 @@ def test_internvl2_5_chat_template_is_the_official_prompt(hf_dirs, family):
     ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == official_prompt(template, history, "And the colour?", [])
-    assert prompt.startswith("<|im_start|>system\n你是书生·万象") and prompt.endswith(
-        "<|im_end|>\n<|im_start|>assistant\n"
-    )
+    start, end = {
+        "internvl2_5": ("<|im_start|>system\n你是书生·万象", "<|im_end|>\n<|im_start|>assistant\n"),
+        "internvl3_5_gpt_oss": (
+            "<|start|>system<|message|>You are InternVL",
+            "A cat.<|end|><|start|>user<|message|>And the colour?<|end|><|start|>assistant<|channel|>final<|message|>",
+        ),
+    }[name]
+    assert prompt.startswith(start) and prompt.endswith(end)
     system = [{"role": "system", "content": "Be brief."}, messages[2]]
     assert processor.apply_chat_template(system, add_generation_prompt=True) == official_prompt(
-        get_template("internvl2_5", "Be brief."), [], "And the colour?", []
+        get_template(name, "Be brief."), [], "And the colour?", []
     )

@@ -3,11 +3,19 @@
 Wrapping follows the official ``wrap_llm_lora`` / ``wrap_backbone_lora`` (peft's ``get_peft_model``
 on ``language_model`` / ``vision_model``), so adapter keys match an official checkpoint saved with
 ``use_llm_lora`` / ``use_backbone_lora``.
+
+A target that names a parameter rather than a module (GPT-OSS's fused experts, ``mlp.experts.gate_up_proj`` /
+``mlp.experts.down_proj``) goes to peft's ``target_parameters`` (``peft.tuners.lora.layer.ParamWrapper``: per expert a
+rank-r A and B, nested wrappers where one module has two targeted parameters). peft refuses dropout there ("does not
+work with lora_dropout != 0": dropout cannot be factored out of a weight delta), so such an LLM adapter trains
+without dropout on all its targets; a configured dropout is then ignored on the LLM with one warning (the ViT adapter
+keeps it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 
@@ -21,6 +29,16 @@ from xtuner_vl.model.moe import is_moe
 __all__ = ["VIT_LORA_TARGETS", "apply_lora", "merge_lora", "lora_state_dict"]
 
 VIT_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+logger = logging.getLogger(__name__)
+
+
+def _split_targets(llm: nn.Module, targets: list[str]) -> tuple[list[str], list[str]]:
+    """``(target_modules, target_parameters)``: a target naming a parameter of ``llm`` (whole name or a dotted
+    suffix, as peft matches both) is a parameter target, any other a module target."""
+    names = [name for name, _ in llm.named_parameters()]
+    params = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    return [t for t in targets if t not in params], params
 
 
 @contextlib.contextmanager
@@ -57,12 +75,21 @@ def apply_lora(
     with LoRA adapters. ``alpha`` defaults to 2 x rank (official). Base weights are frozen by peft and
     keep their dtype (no upcast of the frozen LLM)."""
     if llm_rank:
-        targets = llm_targets or LORA_TARGETS[model.config.llm_arch]
+        modules, params = _split_targets(model.language_model, llm_targets or LORA_TARGETS[model.config.llm_arch])
+        llm_dropout = 0.0 if params else dropout
+        if llm_dropout != dropout:
+            logger.warning(
+                "LoRA on the LLM trains without dropout (model.lora.dropout=%s applies to a ViT adapter only): "
+                "peft cannot apply dropout to the adapters of the parameters %s",
+                dropout,
+                params,
+            )
         cfg = LoraConfig(
             r=llm_rank,
             lora_alpha=alpha or 2 * llm_rank,
-            lora_dropout=dropout,
-            target_modules=targets,
+            lora_dropout=llm_dropout,
+            target_modules=modules,
+            target_parameters=params or None,
             task_type="CAUSAL_LM",
         )
         with warnings.catch_warnings():

@@ -6,6 +6,9 @@ Layout of the output directory:
   for ``PeftModel.from_pretrained(model.language_model | model.vision_model, dir)``.
 - ``non_lora_trainables.safetensors``: what the run trained without LoRA (e.g. ``mlp1``), under the
   official key names, to ``load_state_dict(..., strict=False)`` into the base model.
+
+LoRAs on parameters (GPT-OSS's fused experts, peft's ``target_parameters``) keep peft's own names, nested
+``base_layer`` included, and the run's config lists ``target_parameters``: peft rebuilds the same wrappers on load.
 """
 
 from __future__ import annotations

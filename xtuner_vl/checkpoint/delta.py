@@ -4,6 +4,12 @@ Trainable names are those of the training model (``InternVLChatModel`` after pef
 ``get_peft_model`` on ``language_model`` / ``vision_model``). Each becomes either a *replacement*
 (full fine-tune, ``mlp1``, unfrozen heads: the tensor replaces the base tensor of the same official
 name) or half of a *LoRA pair* (``W' = W + B @ A * alpha / r``, merged into the base weight).
+
+A LoRA on a parameter rather than a linear (peft's ``target_parameters``, ``peft.tuners.lora.layer.ParamWrapper``:
+GPT-OSS's fused experts) is stored under its module's path, one nested ``base_layer`` per further targeted parameter
+of that module, so its keys do not name the parameter: :func:`lora_parameter_targets` reads that from the training
+model. Merged exactly as peft's ``ParamWrapper.get_delta_weight`` computes it, for weights stored
+``[experts, in, out]``.
 """
 
 from __future__ import annotations
@@ -14,30 +20,54 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from xtuner_vl.checkpoint.trained import CheckpointError, materialize
 
-__all__ = ["LoraPair", "TrainedDelta", "official_name", "split_delta", "check_against_base", "merge_lora_weight"]
+__all__ = [
+    "LoraPair",
+    "TrainedDelta",
+    "official_name",
+    "lora_parameter_targets",
+    "split_delta",
+    "check_against_base",
+    "merge_lora_weight",
+]
 
 _PARTS = ("language_model", "vision_model")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
+_WRAPPERS = re.compile(r"(\.base_layer)+$")
 
 
 @dataclass
 class LoraPair:
-    """One LoRA adapter of a linear layer: ``A`` [r, in], ``B`` [out, r], ``scale`` = alpha / r."""
+    """One LoRA adapter, ``scale`` = alpha / r. Of a linear: ``A`` [r, in], ``B`` [out, r]. Of a fused expert weight
+    stored [experts, in, out] (``experts`` > 0, peft's ParamWrapper): ``A`` [experts * r, in] (rows expert-major),
+    ``B`` [out, r * experts] (columns rank-major)."""
 
     a: Any
     b: Any
     scale: float
+    experts: int = 0
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        return int(self.a.shape[0]) // max(self.experts, 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weight the delta is added to."""
+        out, inp = int(self.b.shape[0]), int(self.a.shape[1])
+        return (self.experts, inp, out) if self.experts else (out, inp)
 
     def delta(self) -> torch.Tensor:
-        """``B @ A * scale`` in fp32."""
-        return (materialize(self.b).float() @ materialize(self.a).float()) * self.scale
+        """``B @ A * scale`` in fp32; per expert ``(B_e @ A_e).T * scale`` for fused experts."""
+        a, b = materialize(self.a).float(), materialize(self.b).float()
+        if not self.experts:
+            return (b @ a) * self.scale
+        a = a.reshape(self.experts, self.rank, a.shape[-1])  # [experts, r, in]
+        b = b.reshape(b.shape[0], self.rank, self.experts)  # [out, r, experts]
+        return torch.einsum("ore,eri->eio", b, a) * self.scale
 
 
 @dataclass
@@ -64,6 +94,29 @@ def official_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+def lora_parameter_targets(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Training-model path of each LoRA on a parameter (peft ``ParamWrapper``) -> ``(parameter name, experts)``,
+    ``experts`` 0 for a 2-D parameter (peft adapts it as a linear's weight).
+
+    Raises:
+        CheckpointError: a 3-D parameter not stored ``[experts, in, out]`` (peft swaps in and out where its module
+            is not ``is_transposed``), which :class:`LoraPair` does not merge.
+    """
+    from peft.tuners.lora import ParamWrapper
+
+    targets = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, ParamWrapper):
+            continue
+        if module.num_experts > 1 and not getattr(module.get_base_layer(), "is_transposed", False):
+            raise CheckpointError(
+                f"LoRA on {name}.{module.parameter_name}: of 3-D weights, only fused experts stored "
+                "[experts, in, out] are merged"
+            )
+        targets[name] = (module.parameter_name, module.num_experts if module.num_experts > 1 else 0)
+    return targets
+
+
 def _part_of(name: str) -> str:
     part = name.split(".", 1)[0]
     if part not in _PARTS:
@@ -71,16 +124,22 @@ def _part_of(name: str) -> str:
     return part
 
 
-def split_delta(state: Mapping[str, Any], lora_alpha: Mapping[str, float]) -> TrainedDelta:
+def split_delta(
+    state: Mapping[str, Any],
+    lora_alpha: Mapping[str, float],
+    lora_parameters: Mapping[str, tuple[str, int]] | None = None,
+) -> TrainedDelta:
     """Sort a trainable state dict into replacements and LoRA pairs.
 
     Args:
         state: training-model name -> tensor (or DeepSpeed lazy tensor).
         lora_alpha: ``"language_model"`` / ``"vision_model"`` -> LoRA alpha of that part.
+        lora_parameters: the training model's LoRAs on parameters (:func:`lora_parameter_targets`); any other
+            LoRA is one of a linear.
 
     Raises:
-        CheckpointError: a LoRA weight without its partner, of an unknown kind (e.g. DoRA), or on a
-            part the config trains without LoRA.
+        CheckpointError: a LoRA weight without its partner, of an unknown kind (e.g. DoRA), two LoRAs on one
+            weight (LoRAs on parameters without ``lora_parameters``), or on a part the config trains without LoRA.
     """
     delta, halves = TrainedDelta(), {}
     for name, value in state.items():
@@ -97,9 +156,12 @@ def split_delta(state: Mapping[str, Any], lora_alpha: Mapping[str, float]) -> Tr
         part = _part_of(module)
         if part not in lora_alpha:
             raise CheckpointError(f"checkpoint has LoRA weights on {part} but the config trains no LoRA there")
-        rank = int(ab["A"].shape[0])
-        key = official_name(module) + ".weight"
-        delta.loras[key] = LoraPair(ab["A"], ab["B"], lora_alpha[part] / rank)
+        param, experts = (lora_parameters or {}).get(module, ("weight", 0))
+        key = f"{official_name(_WRAPPERS.sub('', module))}.{param}"
+        if key in delta.loras:
+            raise CheckpointError(f"two LoRA adapters on {key} ({delta.lora_names[key]!r} and {module!r})")
+        rank = int(ab["A"].shape[0]) // max(experts, 1)
+        delta.loras[key] = LoraPair(ab["A"], ab["B"], lora_alpha[part] / rank, experts)
         delta.lora_names[key] = module
     return delta
 
@@ -117,11 +179,10 @@ def check_against_base(delta: TrainedDelta, base_shapes: Mapping[str, tuple[int,
         elif tuple(value.shape) != tuple(base_shapes[key]):
             problems.append(f"{key}: checkpoint {tuple(value.shape)} vs base {tuple(base_shapes[key])}")
     for key, pair in delta.loras.items():
-        want = (int(pair.b.shape[0]), int(pair.a.shape[1]))
         if key not in base_shapes:
             problems.append(f"LoRA target {key} is not a weight of the base")
-        elif want != tuple(base_shapes[key]):
-            problems.append(f"LoRA on {key}: B @ A is {want} vs base {tuple(base_shapes[key])}")
+        elif pair.shape != tuple(base_shapes[key]):
+            problems.append(f"LoRA on {key}: B @ A is {pair.shape} vs base {tuple(base_shapes[key])}")
     if problems:
         raise CheckpointError(
             f"checkpoint {ckpt} does not belong to base model {base}: {len(problems)} mismatch(es), e.g. "
@@ -130,5 +191,5 @@ def check_against_base(delta: TrainedDelta, base_shapes: Mapping[str, tuple[int,
 
 
 def merge_lora_weight(weight: torch.Tensor, pair: LoraPair) -> torch.Tensor:
-    """``weight + B @ A * scale`` computed in fp32 (cast back by the caller)."""
+    """``weight + pair.delta()`` computed in fp32 (cast back by the caller)."""
     return weight.float() + pair.delta()

@@ -1,8 +1,9 @@
 """Official InternVL directory -> transformers-native ``InternVLForConditionalGeneration`` directory.
 
 transformers implements InternVL natively (no remote code) for ``ps_version`` v2 with any AutoModel text model;
-InternLM2 (as Llama), Qwen2 / Qwen2.5, Llama, Qwen3 and Qwen3-MoE backbones are exported. This module writes such a
-directory from an official one, one tensor at a time:
+InternLM2 (as Llama), Qwen2 / Qwen2.5, Llama, Qwen3, Qwen3-MoE and GPT-OSS backbones are exported (GPT-OSS keys are
+transformers' own on both sides; transformers loads it with eager attention, the one that has its sinks). This module
+writes such a directory from an official one, one tensor at a time:
 
 - weights: ``vision_model`` -> ``model.vision_tower`` (``attn.qkv`` split into ``q/k/v_proj``), ``mlp1`` ->
   ``model.multi_modal_projector``, ``language_model.model`` -> ``model.language_model``,
@@ -103,6 +104,7 @@ HF_LLM_ARCHS = (
     "LlamaForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    "GptOssForCausalLM",
 )
 OFFICIAL_FIELDS_KEY = "internvl_chat_config"  # official top-level config fields kept in the hf config.json
 # Names transformers' InternVLProcessor reads from the tokenizer.

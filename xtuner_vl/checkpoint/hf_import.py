@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import CONFIG_MAPPING
 
 from xtuner_vl.checkpoint.hf_export import OFFICIAL_FIELDS_KEY, hf_tensors
 from xtuner_vl.checkpoint.stream import ShardWriter
@@ -53,6 +52,7 @@ _TEXT_ARCHS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 # InternVL3.5 (Qwen3 / Qwen3-MoE) releases all use the internvl2_5 template; Qwen2 ones are InternVL2 (Hermes-2)
 # or InternVL2.5 / 3 (internvl2_5), so a Qwen2 directory without recorded fields keeps Hermes-2.
@@ -60,6 +60,7 @@ _DEFAULT_TEMPLATES = {
     "InternLM2ForCausalLM": "internlm2-chat",
     "Qwen3ForCausalLM": "internvl2_5",
     "Qwen3MoeForCausalLM": "internvl2_5",
+    "GptOssForCausalLM": "internvl3_5_gpt_oss",
 }
 _HEAD, _EMBEDDING = "lm_head.weight", "model.language_model.embed_tokens.weight"
 _EXPERT = re.compile(r"^(?P<experts>.+\.mlp\.experts)\.(?P<index>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
@@ -73,6 +74,9 @@ _INTERNVL_AUTO_MAP = {
     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
 }
+# transformers 5 writes some fields under another name than the transformers 4.x classes the official code runs on
+# read: Qwen3-MoE's num_experts as num_local_experts (GPT-OSS's num_local_experts is its own name in both).
+_OFFICIAL_NAMES = {"qwen3_moe": {"num_local_experts": "num_experts"}}
 _HF_ONLY_TEXT = ("rope_parameters", "dtype", "model_type", "architectures", "transformers_version")
 _HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -93,15 +97,20 @@ def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: i
     return torch.cat([q, k, v], dim=1).reshape(-1, *tail).contiguous()
 
 
-def _rope_fields(text: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    rope = text.get("rope_parameters") or {}
-    theta = float(rope.get("rope_theta", text.get("rope_theta", 10000.0)))
+def _rope_fields(text: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None]:
+    """``rope_theta`` and the official ``rope_scaling`` of transformers 5's ``rope_parameters``: InternLM2's
+    ``{type, factor}``, else every scaling field under transformers 4's names (GPT-OSS's yarn keeps ``beta_fast``,
+    ``original_max_position_embeddings`` and the others with ``rope_type``)."""
+    rope = dict(text.get("rope_parameters") or {})
+    theta = float(rope.pop("rope_theta", text.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", "default")
-    return theta, (None if kind == "default" else {"type": kind, "factor": rope["factor"]})
+    if kind == "default":
+        return theta, None
+    return theta, ({"type": kind, "factor": rope["factor"]} if arch == "InternLM2ForCausalLM" else rope)
 
 
 def _llm_config(text: dict[str, Any], arch: str, dtype: str) -> dict[str, Any]:
-    theta, scaling = _rope_fields(text)
+    theta, scaling = _rope_fields(text, arch)
     if arch == "InternLM2ForCausalLM":
         llm = {k: text[k] for k in LLAMA_SHARED_FIELDS if k in text}
         llm.update(
@@ -112,10 +121,7 @@ def _llm_config(text: dict[str, Any], arch: str, dtype: str) -> dict[str, Any]:
             bias=bool(text.get("attention_bias")),
         )
     else:
-        # transformers 5 writes some fields under another name (Qwen3-MoE's num_experts as num_local_experts, its
-        # attribute_map); the official code runs on transformers 4.x, which reads the original names.
-        aliases = CONFIG_MAPPING[text["model_type"]].attribute_map if text["model_type"] in CONFIG_MAPPING else {}
-        renamed = {v: k for k, v in aliases.items()}
+        renamed = _OFFICIAL_NAMES.get(text["model_type"], {})
         llm = {renamed.get(k, k): v for k, v in text.items() if k not in _HF_ONLY_TEXT}
         llm.update(architectures=[arch], model_type=text["model_type"])
     llm.update(rope_theta=theta, rope_scaling=scaling, torch_dtype=dtype, tie_word_embeddings=False)

@@ -81,10 +81,11 @@ _ATTENTION_TARGETS = [t for t in LORA_TARGETS["Qwen2ForCausalLM"] if t.startswit
 # mlp.gate_proj of any mlp_only_layers); the router (mlp.gate) is a bare weight and stays out.
 LORA_TARGETS["Qwen3MoeForCausalLM"] = [*_ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj"]
 
-# GPT-OSS (InternVL3.5-GPT-OSS-20B-A4B): attention. Its experts are fused 3-D weights, not linears (transformers 4.55
-# and 5 alike, as the checkpoint stores them); peft reaches them only through target_parameters, whose adapters
-# `xtuner-vl convert` does not merge yet, so they train neither.
-LORA_TARGETS["GptOssForCausalLM"] = _ATTENTION_TARGETS
+# GPT-OSS (InternVL3.5-GPT-OSS-20B-A4B): attention, and both fused 3-D expert weights (transformers 4.55 and 5 alike,
+# as the checkpoint stores them), which are parameters, not linears: peft adapts them through its target_parameters
+# (`peft.tuners.lora.layer.ParamWrapper`), and apply_lora sends every target that names a parameter there. The router
+# (mlp.router) stays out, as Qwen3-MoE's does.
+LORA_TARGETS["GptOssForCausalLM"] = [*_ATTENTION_TARGETS, "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 # GPT-OSS attention adds a learned sink logit per head to the softmax, which SDPA, flash-attention 2 and torch's varlen
 # kernel do not compute; transformers' eager attention does (so does its flex attention, not offered here: it could

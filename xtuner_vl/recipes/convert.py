@@ -27,6 +27,7 @@ from xtuner_vl.checkpoint import (
     read_trained_checkpoint,
     split_delta,
 )
+from xtuner_vl.checkpoint.delta import lora_parameter_targets
 from xtuner_vl.checkpoint.hf_export import check_hf_exportable, official_to_hf
 from xtuner_vl.checkpoint.hf_import import hf_to_official
 from xtuner_vl.checkpoint.trained import nonfinite_tensors
@@ -148,7 +149,7 @@ def convert(
             f"{trained.path}: {total} non-finite values in {len(bad)} trained tensors (e.g. {bad[0][0]}): the run "
             "diverged; convert an earlier checkpoint (a step-XXXXXXXX directory), or pass --allow-nonfinite"
         )
-    delta = split_delta(trained.state, s.lora_alphas())
+    delta = split_delta(trained.state, s.lora_alphas(), lora_parameter_targets(model))
     check_against_base(delta, base_shapes(s.path), str(trained.path), s.path)
     base_raw = json.loads((Path(s.path) / "config.json").read_text(encoding="utf-8"))
     if fmt == "hf":

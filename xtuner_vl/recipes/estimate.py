@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import LoraLayer, ParamWrapper
 from torch import nn
 
 from xtuner_vl.adapters.qlora import nf4_targets
@@ -121,7 +121,24 @@ def _idle_experts(model: nn.Module) -> dict[int, int]:
             idle.update({id(p): p.numel() for expert in list(m)[top_k:] for p in expert.parameters()})
         else:
             idle.update({id(p): p.numel() * (experts - top_k) // experts for p in m.parameters(recurse=False)})
+    for m in _fused_expert_loras(model.language_model):  # A holds r rows, B r columns per expert
+        adapters = [*m.lora_A.parameters(), *m.lora_B.parameters()]
+        idle.update({id(p): p.numel() * (experts - top_k) // experts for p in adapters})
     return idle
+
+
+def _fused_expert_loras(module: nn.Module) -> list[ParamWrapper]:
+    """peft's LoRAs on fused 3-D expert weights (``target_parameters``, GPT-OSS) in ``module``."""
+    return [m for m in module.modules() if isinstance(m, ParamWrapper) and m.num_experts > 1]
+
+
+def _folded_expert_bytes(layer: nn.Module, top_k: int, elem: int) -> tuple[int, int]:
+    """``(per token, per layer)`` bytes the fused-expert LoRAs of ``layer`` add to its activations, adapters in the
+    training dtype (tests/model/test_gpt_oss.py measures them): each forward folds its adapter into the whole expert
+    weight (peft's ``ParamWrapper``: ``W + s * A^T B^T``), and each expert's matmul keeps that folded copy and its
+    input (``top_k`` rows of ``in_features`` per token) for backward."""
+    loras = _fused_expert_loras(layer)
+    return sum(elem * top_k * m.in_features for m in loras), sum(elem * m.get_param().numel() for m in loras)
 
 
 def count_parameters(model: nn.Module, nf4: set[int], elem: int) -> list[ModuleCount]:
@@ -171,6 +188,8 @@ def layer_spec(
         expert = name.split(".experts.", 1)[1].split(".", 1)[0] if ".experts." in name else None
         if expert is not None and expert.isdigit() and int(expert) >= (active_experts or 0):
             continue
+        if isinstance(mod, ParamWrapper):
+            continue  # a LoRA on fused expert weights, not a linear: _folded_expert_bytes
         if isinstance(mod, LoraLayer):
             base, rank = mod.get_base_layer(), mod.r["default"]
             linears.append(
@@ -238,9 +257,13 @@ def _activations(
             top_k * getattr(lc, "moe_intermediate_size", lc.intermediate_size) if top_k else lc.intermediate_size
         )
         spec = layer_spec(layers[0], lc.hidden_size, intermediate, heads, kv, False, head_dim, top_k)
-        per_layer = details["llm_layer_bytes"] = me.layer_activation_bytes(spec, a)
+        token_folded, layer_folded = _folded_expert_bytes(layers[0], top_k or 0, a.elem)
+        per_layer = details["llm_layer_bytes"] = me.layer_activation_bytes(spec, a) + token_folded
         details["llm_layers"] = len(layers)
         stack = me.stack_activation_bytes(per_layer, len(layers), tokens, lc.hidden_size, ckpt, a)
+        if layer_folded:  # one layer's folded expert weights while it is recomputed, else every layer's
+            details["llm_folded_expert_bytes"] = layer_folded
+            stack += layer_folded * (1 if ckpt else len(layers))
         final_norm = tokens * me.norm_bytes(lc.hidden_size, True, _trains(lm.model.norm), a)
         head_trains = _trains(lm.get_output_embeddings())
         head = a.elem * lc.hidden_size * w.micro_batch * w.trained_positions if head_trains else 0
@@ -322,8 +345,9 @@ def estimate(
     bf16 = resolve_dtype(s.dtype, torch.device("cuda")) == torch.bfloat16
     model, release, nf4 = build_meta_model(s)
     w = _workload(cfg, s, model, micro_batch_size or sched.micro_batch_size, trained_tokens)
-    lora = s.llm_lora_rank or s.vit_lora_rank
-    dropout = s.lora.dropout if lora else 0.0
+    # the dropout peft applies (none on an LLM with LoRA on parameters, see xtuner_vl/adapters/lora.py)
+    peft_parts = [m for m in (model.language_model, model.vision_model) if hasattr(m, "peft_config")]
+    dropout = max((m.peft_config["default"].lora_dropout for m in peft_parts), default=0.0)
     act = me.ActivationSettings(elem=2 if bf16 else 4, lora_dropout=dropout, mask_seq_len=w.max_length)
     counts = count_parameters(model, nf4, act.elem)
     details: dict[str, int] = {}
@@ -338,6 +362,12 @@ def estimate(
         (z, None if s.quantization and z.stage == 3 else me.model_state_bytes(params, z, gpus, bf16)) for z in setups
     ]
     notes = []
+    if "llm_folded_expert_bytes" in details:
+        notes.append(
+            "LoRA on fused experts: each layer's forward folds the adapters into its whole expert weights and keeps"
+            f" that copy for backward ({details['llm_folded_expert_bytes']:,} B per layer, counted in the LLM's"
+            " activations: every layer's without checkpointing, one layer's with it)"
+        )
     if s.quantization:
         notes.append("QLoRA: 4-bit weights cannot be sharded by ZeRO-3 (n/a rows); nf4 counted at its packed size")
     return Estimate(
