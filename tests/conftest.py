@@ -11,6 +11,40 @@ import torch
 
 from xtuner_vl.tiny.checkpoints import make_tiny
 
+# Tiny tensors gain nothing from intra-op threads; the cores go to pytest-xdist's workers and the ranks of the
+# multi-process runs (whose launches set OMP_NUM_THREADS=1 themselves). Two threads per worker on two cores
+# oversubscribe them and make the in-process tests several times slower.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # and for the commands the tests start
+
+# The longest test files (paths under tests/), started first. pytest-xdist runs each file whole on one worker in
+# collection order (pyproject.toml: --dist loadfile --no-loadscope-reorder); a long file collected last would run
+# alone at the end while the other cores idle.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "engine/test_train_runs.py",
+    "test_gpu_check.py",
+    "engine/test_resume.py",
+    "checkpoint/test_convert_deepspeed.py",
+    "engine/test_reliability.py",
+    "test_wheel.py",
+    "checkpoint/test_hf_export.py",
+    "engine/test_evaluation.py",
+    "engine/test_zero3_load.py",
+    "engine/test_estimate.py",
+)
+_TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def key(item: pytest.Item) -> int:
+        path = Path(str(item.path)).resolve()
+        return rank.get(path.relative_to(_TESTS).as_posix(), len(rank)) if path.is_relative_to(_TESTS) else len(rank)
+
+    items.sort(key=key)  # stable: the other files keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:

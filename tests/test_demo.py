@@ -21,7 +21,7 @@ from xtuner_vl.tiny.quiz import CHOICES, choose_answer, make_quiz, quiz_accuracy
 
 @pytest.mark.slow
 def test_demo_learns_the_task_end_to_end(tmp_path):
-    # The default --steps: the same run as the README's command (about 3 minutes on 2 cores).
+    # The default --steps: the same run as the README's command (about 4 minutes on 2 cores).
     proc = subprocess.run(
         [sys.executable, "-m", "xtuner_vl.cli.main", "demo", "--work-dir", str(tmp_path)],
         capture_output=True,

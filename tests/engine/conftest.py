@@ -12,7 +12,9 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.tiny.data import make_synthetic_dataset
@@ -111,6 +113,13 @@ def run_cli(
     return proc
 
 
+def loss_falls(losses: dict[int, float]) -> bool:
+    """The mean of the last two logged losses is clearly below that of the first two."""
+    steps = sorted(losses)
+    first, last = steps[:2], steps[-2:]
+    return sum(losses[s] for s in last) < sum(losses[s] for s in first) - 0.3
+
+
 def logged_losses(work_dir: Path) -> dict[int, float]:
     """step -> loss from train_log.jsonl (the last record of a step wins, as after a resume)."""
     out = {}
@@ -119,3 +128,20 @@ def logged_losses(work_dir: Path) -> dict[int, float]:
         if "loss" in rec:  # evaluation records have none
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def assert_two_rank_run_learned(work: Path, stage: str, steps: int, moe: bool = False) -> None:
+    """What every two-rank DeepSpeed run must show: each step logged, loss falls, the last checkpoint complete with
+    its engine state, each rank's own RNG stream (dropout / drop-path masks, seeded once the model was built), the
+    resolved config and the loss curve saved; the router's load-balancing loss logged on its own for MoE only."""
+    records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    assert all((r["router_aux_loss"] > 0) if moe else ("router_aux_loss" not in r) for r in records)
+    losses = logged_losses(work)
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert loss_falls(losses), losses
+    final = work / "checkpoints" / f"step-{steps:08d}"
+    assert (final / "COMPLETE").is_file() and (final / "engine").is_dir()
+    assert json.loads((final / "meta.json").read_text())["deepspeed"] == stage
+    rng = [torch.load(final / f"trainer_state_rank{r}.pt", weights_only=False)["rng"] for r in (0, 1)]
+    assert rng[0]["python"] != rng[1]["python"] and not np.array_equal(rng[0]["numpy"][1], rng[1]["numpy"][1])
+    assert (work / "tiny_internvl2_lora.py").is_file() and (work / "loss_curve.png").is_file()

@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL during a checkpoint write and mid-training, then ``--resume auto``, must give
-bitwise the losses of an uninterrupted run (CPU, fp32, ZeRO-2 on two ranks)."""
+bitwise the losses of an uninterrupted run (CPU, fp32, ZeRO-2 on two ranks). The uninterrupted run is also the
+suite's two-rank ZeRO-2 training run (mixed single-image, multi-image and text-only batches): it must learn."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.engine.conftest import REPO, cli_args, free_port, logged_losses, run_cli
+from tests.engine.conftest import REPO, assert_two_rank_run_learned, cli_args, free_port, logged_losses, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +53,20 @@ def _kill_when_logged(assets, work, step: int) -> None:
     assert proc.returncode != 0, "the run finished before it could be killed"
 
 
-def test_sigkill_in_checkpoint_write_and_mid_run_then_resume(train_assets, tmp_path):
-    ref = tmp_path / "reference"
-    run_cli(_args(train_assets, ref), env=_env(train_assets))
-    expected = logged_losses(ref)
+@pytest.fixture(scope="module")
+def uninterrupted(train_assets, tmp_path_factory) -> Path:
+    """The uninterrupted run: 24 samples / (2 ranks x 2) = 6 steps per epoch, 2 epochs, checkpoints every 3."""
+    work = tmp_path_factory.mktemp("resume") / "reference"
+    run_cli(_args(train_assets, work), env=_env(train_assets))
+    return work
+
+
+def test_two_process_zero2_run_learns(uninterrupted):
+    assert_two_rank_run_learned(uninterrupted, "zero2", 12)
+
+
+def test_sigkill_in_checkpoint_write_and_mid_run_then_resume(uninterrupted, train_assets, tmp_path):
+    expected = logged_losses(uninterrupted)
     assert sorted(expected) == list(range(1, 13))
 
     work = tmp_path / "crashy"

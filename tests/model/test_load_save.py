@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.weights import read_state_dict, weight_files
-from xtuner_vl.tiny.checkpoints import TINY_FAMILIES
+from xtuner_vl.tiny.families import TINY_FAMILIES
 
 
 def _inputs(model, tiles=1, seq=300):

@@ -10,7 +10,7 @@ import torch
 from tests.model.reference import reference_logits
 from xtuner_vl.model import load_internvl
 from xtuner_vl.model.weights import read_state_dict
-from xtuner_vl.tiny.checkpoints import TINY_FAMILIES
+from xtuner_vl.tiny.families import TINY_FAMILIES
 
 ATOL = 1e-4
 

@@ -156,7 +156,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from xtuner_vl.recipes.config import DictAction
-    from xtuner_vl.tiny.checkpoints import TINY_FAMILIES
+    from xtuner_vl.tiny.families import TINY_FAMILIES
 
     parser = argparse.ArgumentParser(prog="xtuner-vl", description="Fine-tune InternVL 1.5 / 2 / 2.5 / 3 / 3.5 models.")
     sub = parser.add_subparsers(dest="command", required=True)
