@@ -207,12 +207,24 @@ def test_one_process_zero2_offload_run_in_process(train_assets, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_one_process_zero3_through_the_cli(train_assets, tmp_path, lone_process):
-    """The real CLI, one process, ZeRO-3 over gloo, nothing of a launcher in the environment."""
-    work = tmp_path / "zero3"
+def test_one_process_zero3_through_the_cli(train_assets, tiny_ckpt, tmp_path, lone_process):
+    """The real CLI, one process, ZeRO-3 over gloo, nothing of a launcher in the environment. The model is the
+    GPT-OSS family, whose LoRA adapts the fused expert weights through peft's parametrization of the partitioned
+    parameters; the ZeRO-3 checkpoint converts with those adapters merged."""
+    from xtuner_vl.model.weights import read_state_dict
+    from xtuner_vl.recipes.convert import convert
+
+    work, model = tmp_path / "zero3", tiny_ckpt("internvl3_5-gpt-oss-20b-a4b")
     proc = run_cli(
-        cli_args(train_assets, work, "--deepspeed", "zero3") + ["schedule.max_steps=2"], cache=train_assets["cache"]
+        cli_args({**train_assets, "model": model}, work, "--deepspeed", "zero3") + ["schedule.max_steps=2"],
+        cache=train_assets["cache"],
     )
     assert "world 1 x micro-batch 2" in proc.stdout
     assert sorted(logged_losses(work)) == [1, 2]
     assert (work / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    (dumped,) = work.glob("*.py")
+    merged = read_state_dict(convert(str(dumped), str(work), str(tmp_path / "official"), dtype="fp32"))
+    base = read_state_dict(model)
+    for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "self_attn.q_proj.weight"):
+        key = f"language_model.model.layers.1.{name}"
+        assert (merged[key] - base[key].float()).abs().max() > 0, key  # trained under ZeRO-3 and merged
