@@ -25,7 +25,6 @@ LONGEST_FIRST = (
     "engine/test_train_runs.py",
     "test_gpu_check.py",
     "engine/test_resume.py",
-    "checkpoint/test_convert_deepspeed.py",
     "engine/test_reliability.py",
     "test_wheel.py",
     "checkpoint/test_hf_export.py",

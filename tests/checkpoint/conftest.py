@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.conftest import REPO, cli_args, free_port, run_cli, train_assets  # noqa: F401  (fixture)
+from tests.engine.conftest import cli_args, run_cli, train_assets  # noqa: F401  (fixture)
 from xtuner_vl.checkpoint import materialize, read_trained_checkpoint
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.model import img_context_token_id, load_tokenizer
@@ -20,18 +20,17 @@ CONFIGS = {m: CONFIG_ROOT / "tiny" / f"tiny_internvl2_{m}.py" for m in ("full", 
 
 @pytest.fixture(scope="session")
 def trained_run(train_assets, tmp_path_factory) -> Callable[..., Path]:  # noqa: F811
-    """``trained_run(method, deepspeed=None, *options)`` -> work dir of a 2-step tiny run (2 processes with
-    DeepSpeed); ``options`` are extra ``key=value`` config overrides."""
+    """``trained_run(method, *options)`` -> work dir of a 2-step tiny run in this process (plain PyTorch);
+    ``options`` are extra ``key=value`` config overrides. Two-rank DeepSpeed checkpoints are converted where their
+    runs are (tests/engine/test_resume.py for ZeRO-2 LoRA, tests/engine/test_train_runs.py for ZeRO-3 full)."""
     cache: dict[tuple, Path] = {}
 
-    def run(method: str, deepspeed: str | None = None, *options: str) -> Path:
-        key = (method, deepspeed, options)
+    def run(method: str, *options: str) -> Path:
+        key = (method, options)
         if key not in cache:
-            work = tmp_path_factory.mktemp(f"run-{method}-{deepspeed or 'torch'}")
-            extra = ("--deepspeed", deepspeed) if deepspeed else ()
-            env = {"NPROC_PER_NODE": "2", "PORT": str(free_port())} if deepspeed else {}
-            args = cli_args(train_assets, work, *extra, config=CONFIGS[method]) + ["schedule.max_steps=2", *options]
-            run_cli(args, env=env, cache=train_assets["cache"])
+            work = tmp_path_factory.mktemp(f"run-{method}")
+            args = cli_args(train_assets, work, config=CONFIGS[method]) + ["schedule.max_steps=2", *options]
+            run_cli(args, cache=train_assets["cache"])
             cache[key] = work
         return cache[key]
 
@@ -60,6 +59,20 @@ def sample_inputs(model_dir: Path) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return model.eval()(**inputs).logits.float()
+
+
+def assert_converts_to_the_trained_model(work: Path, out: Path) -> None:
+    """``convert`` of the run in ``work`` (its last checkpoint, any backend: DeepSpeed's frozen weights excluded,
+    ZeRO-3 partitions consolidated) gives the logits of the training model rebuilt from that checkpoint."""
+    from xtuner_vl.model import load_internvl
+    from xtuner_vl.recipes.convert import convert
+
+    assert (max(work.glob("checkpoints/step-*")) / "COMPLETE").is_file()
+    converted = convert(str(dumped_config(work)), str(work), str(out), dtype="fp32")
+    inputs = sample_inputs(converted)
+    expected = logits_of(rebuilt_training_model(work), inputs)
+    got = logits_of(load_internvl(converted, dtype=torch.float32), inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def rebuilt_training_model(work: Path) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from xtuner_vl.recipes.convert import convert
 
 @pytest.mark.parametrize("vit_rank", [0, 4])
 def test_adapters_reproduce_the_merged_logits(trained_run, train_assets, vit_rank, tmp_path):
-    work = trained_run("lora", None, *([f"model.lora.vit_rank={vit_rank}"] if vit_rank else []))
+    work = trained_run("lora", *([f"model.lora.vit_rank={vit_rank}"] if vit_rank else []))
     config = str(dumped_config(work))
     merged = convert(config, str(work), str(tmp_path / "merged"), dtype="fp32")
     adapters = convert(config, str(work), str(tmp_path / "adapters"), fmt="adapter", dtype="fp32")

@@ -93,7 +93,7 @@ def test_sharded_output_streams_and_loads(trained_run, tmp_path):
 
 def test_lora_with_unfrozen_head_converts_the_trained_head(trained_run, tmp_path):
     """`freeze.unfreeze_lm_head` under LoRA trains the full head beside the adapters; convert keeps both."""
-    work = trained_run("lora", None, "model.freeze.unfreeze_lm_head=True")
+    work = trained_run("lora", "model.freeze.unfreeze_lm_head=True")
     state = read_trained_checkpoint(work).state
     head = "language_model.output.weight"
     assert any(k.endswith("output.weight") and "lora" not in k for k in state), sorted(state)[:5]

@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL during a checkpoint write and mid-training, then ``--resume auto``, must give
 bitwise the losses of an uninterrupted run (CPU, fp32, ZeRO-2 on two ranks). The uninterrupted run is also the
-suite's two-rank ZeRO-2 training run (mixed single-image, multi-image and text-only batches): it must learn."""
+suite's two-rank ZeRO-2 LoRA training run (mixed single-image, multi-image and text-only batches): it must learn,
+and its DeepSpeed checkpoint must convert to the trained model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.checkpoint.conftest import assert_converts_to_the_trained_model
 from tests.engine.conftest import REPO, assert_two_rank_run_learned, cli_args, free_port, logged_losses, run_cli
 
 pytestmark = pytest.mark.slow
@@ -63,6 +65,11 @@ def uninterrupted(train_assets, tmp_path_factory) -> Path:
 
 def test_two_process_zero2_run_learns(uninterrupted):
     assert_two_rank_run_learned(uninterrupted, "zero2", 12)
+
+
+def test_zero2_lora_checkpoint_converts_to_the_trained_model(uninterrupted, tmp_path):
+    """The DeepSpeed ZeRO-2 checkpoint of two ranks (frozen weights excluded, LoRA adapters merged)."""
+    assert_converts_to_the_trained_model(uninterrupted, tmp_path / "official")
 
 
 def test_sigkill_in_checkpoint_write_and_mid_run_then_resume(uninterrupted, train_assets, tmp_path):

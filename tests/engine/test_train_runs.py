@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.checkpoint.conftest import assert_converts_to_the_trained_model
 from tests.engine.conftest import assert_two_rank_run_learned, cli_args, free_port, logged_losses, loss_falls, run_cli
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 
@@ -95,12 +96,14 @@ def test_run_stops_when_too_many_samples_are_unusable(train_assets, tmp_path):
     assert "max_skip_fraction=10.0%" in proc.stderr
 
 
-def test_packed_zero3_run_with_accumulation(train_assets, tmp_path):
-    """Packing under ZeRO-3 with gradient accumulation: rows of several samples, loss still falls."""
+def test_packed_zero3_full_run_with_accumulation_converts(train_assets, tmp_path):
+    """Full fine-tuning with packing under ZeRO-3 and gradient accumulation on two ranks: rows of several samples,
+    loss still falls; the partitioned DeepSpeed checkpoint converts to the official format with the trained model's
+    logits."""
     work = tmp_path / "packed"
     env = {"NPROC_PER_NODE": "2", "PORT": str(free_port())}
     out = run_cli(
-        cli_args(train_assets, work, "--deepspeed", "zero3")
+        cli_args(train_assets, work, "--deepspeed", "zero3", config=CONFIG_ROOT / "tiny" / "tiny_internvl2_full.py")
         + [
             "dataloader.pack=True",
             "dataloader.pack_max_tiles=12",
@@ -121,3 +124,5 @@ def test_packed_zero3_run_with_accumulation(train_assets, tmp_path):
     records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
     assert all(r["tflops_per_gpu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.01) for r in records)
     assert " mfu " in out.stdout + out.stderr
+    assert (max(work.glob("checkpoints/step-*")) / "engine").is_dir()  # a DeepSpeed checkpoint
+    assert_converts_to_the_trained_model(work, tmp_path / "official")
