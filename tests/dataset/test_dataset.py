@@ -230,6 +230,27 @@ def test_pixel_values_are_float_tiles(setup):
     assert s.pixel_values.dtype == torch.float32 and s.pixel_values.shape[1:] == (3, 448, 448)
 
 
+def _built_without_pixels_as_with_them(ds: InternVLDataset) -> list[Sample]:
+    """Each record built with ``pixels=False`` (check-data) has the full build's ids, labels, tile count, flags
+    and tile reduction, and no pixels; returns the full builds."""
+    full_builds = []
+    for i in range(len(ds)):
+        source, record = ds.locate(i)
+        full, bare = (ds.build_record(source, record, i, pixels=p) for p in (True, False))
+        assert torch.equal(full.input_ids, bare.input_ids) and torch.equal(full.labels, bare.labels)
+        assert torch.equal(full.image_flags, bare.image_flags) and full.tiles_reduced == bare.tiles_reduced
+        assert full.pixel_values.shape[1:] == (3, 448, 448)
+        assert bare.pixel_values.shape == (len(full.image_flags), 3, 0, 0)
+        full_builds.append(full)
+    return full_builds
+
+
+def test_check_data_builds_every_record_as_training_does_but_its_pixels(setup):
+    samples = _built_without_pixels_as_with_them(_dataset(setup, max_dynamic_patch=6, max_length=1300))
+    assert any(not s.image_flags.any() for s in samples)  # text-only
+    assert any(s.tiles_reduced for s in samples) and any(len(s.image_flags) > 2 for s in samples)
+
+
 def test_video_sample_one_tile_per_frame(setup, tmp_path):
     av = pytest.importorskip("av")
     path = tmp_path / "clip.mp4"
@@ -260,6 +281,7 @@ def test_video_sample_one_tile_per_frame(setup, tmp_path):
     assert isinstance(s, Sample), s
     n = len(s.pixel_values)
     assert 4 <= n <= 6 and s.image_flags.tolist() == [1] * n
+    assert len(_built_without_pixels_as_with_them(ds)[0].image_flags) == n
     assert int((s.input_ids == ds.img_context_token_id).sum()) == 256 * n
     text = ds.tokenizer.decode(s.input_ids[s.input_ids != ds.img_context_token_id])
     import re

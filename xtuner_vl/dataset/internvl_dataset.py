@@ -60,6 +60,11 @@ def model_defaults(model_path: str | Path) -> dict[str, Any]:
     }
 
 
+def _no_pixels(tiles: int) -> torch.Tensor:
+    """Stand-in for ``tiles`` tiles whose pixels were not built (``build_record(..., pixels=False)``)."""
+    return torch.empty(tiles, 3, 0, 0)
+
+
 @DATASETS.register_module()
 class InternVLDataset(Dataset):
     """LLaVA-style json/jsonl sources -> tokenized :class:`Sample` objects.
@@ -159,35 +164,40 @@ class InternVLDataset(Dataset):
         source, record = self.locate(index)
         return self.build_record(source, record, index)
 
-    def build_record(self, source: DataSource, record: int, index: int = -1) -> Sample:
+    def build_record(self, source: DataSource, record: int, index: int = -1, pixels: bool = True) -> Sample:
         """Build the sample of ``source``'s record number ``record``, raising on any problem;
-        every error message starts with ``file:line`` of the record and names the field."""
+        every error message starts with ``file:line`` of the record and names the field.
+
+        ``pixels=False`` (``check-data``) reads and checks everything the same way but leaves the tiles' pixels
+        out: ``pixel_values`` is ``[tiles, 3, 0, 0]``, with the tile count and flags training would get (resizing
+        into tiles is most of a record's time and cannot fail on an image that decoded)."""
         where = f"{source.annotations.path}:{source.annotations.line_of(record)}"
         item = source.annotations.record(record)
         field = "video" if item.get("video") is not None else "image"
         try:
-            return self._build(item, source, index, where)
+            return self._build(item, source, index, where, pixels)
         except ImageError as e:
             raise SampleError(f"{where}: field {field!r}: {e}") from e
         except ConversationError as e:
             raise SampleError(f"{where}: field 'conversations': {e}") from e
 
-    def _build(self, item: dict, source: DataSource, index: int, where: str) -> Sample:
+    def _build(self, item: dict, source: DataSource, index: int, where: str, pixels: bool = True) -> Sample:
         conversations = item.get("conversations")
         if not isinstance(conversations, list) or not conversations:
             raise SampleError(f"{where}: field 'conversations' is missing, empty or not a list")
         budget = source.max_dynamic_patch or self.max_dynamic_patch
         if item.get("video") is not None:
-            return self._video_sample(item, conversations, source, index, where)
+            return self._video_sample(item, conversations, source, index, where, pixels)
         images = item.get("image")
         if images is None or images == []:
-            return self._text_only_sample(conversations, source, index, where)
+            return self._text_only_sample(conversations, source, index, where, pixels)
         paths = [images] if isinstance(images, str) else images
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise SampleError(f"{where}: field 'image' must be a path or a list of paths")
         loaded = [load_image(self._resolve(p, source, where), self.max_image_pixels) for p in paths]
         conversations = ensure_image_placeholder(conversations, len(loaded))
-        return self._fit_tiles(conversations, loaded, image_tile_budget(budget, len(loaded)), source, index, where)
+        budget = image_tile_budget(budget, len(loaded))
+        return self._fit_tiles(conversations, loaded, budget, source, index, where, pixels)
 
     def _resolve(self, path: str, source: DataSource, where: str) -> Path:
         if source.image_folder is None:
@@ -198,7 +208,9 @@ class InternVLDataset(Dataset):
             raise SampleError(f"{where}: image path {path!r} escapes its image folder {folder} (allow_path_escape)")
         return full
 
-    def _fit_tiles(self, conversations, images: list[Image.Image], budget: int, source, index, where) -> Sample:
+    def _fit_tiles(
+        self, conversations, images: list[Image.Image], budget: int, source, index, where, pixels: bool = True
+    ) -> Sample:
         """Tile every image with ``budget`` tiles at most; while the sample is over max_length, lower
         the budget (never cut inside image tokens); at 1 tile per image give up."""
         for max_num in range(budget, 0, -1):
@@ -211,17 +223,18 @@ class InternVLDataset(Dataset):
                 conversations, self.tokenizer, self.template, [t * self.num_image_token for t in tiles]
             )
             if len(ids) <= self.max_length:
-                pixels = torch.cat(
-                    [
-                        load_image_tiles(im, self.min_dynamic_patch, max_num, self.image_size, self.use_thumbnail)
-                        for im in images
-                    ]
-                )
-                flags = torch.ones(len(pixels), dtype=torch.long)
-                return Sample(ids, labels, pixels, flags, source.name, index, tiles_reduced=max_num < budget)
+                tensors = [
+                    load_image_tiles(im, self.min_dynamic_patch, max_num, self.image_size, self.use_thumbnail)
+                    if pixels
+                    else _no_pixels(n)
+                    for im, n in zip(images, tiles, strict=True)
+                ]
+                values = torch.cat(tensors)
+                flags = torch.ones(len(values), dtype=torch.long)
+                return Sample(ids, labels, values, flags, source.name, index, tiles_reduced=max_num < budget)
         raise SampleError(f"{where}: {len(ids)} tokens with one tile per image, over max_length={self.max_length}")
 
-    def _video_sample(self, item, conversations, source, index, where) -> Sample:
+    def _video_sample(self, item, conversations, source, index, where, pixels: bool = True) -> Sample:
         path = item["video"]
         if not isinstance(path, str):
             raise SampleError(f"{where}: field 'video' must be a path")
@@ -245,20 +258,22 @@ class InternVLDataset(Dataset):
                 conv, self.tokenizer, self.template, [self.num_image_token] * len(frames)
             )
             if len(ids) <= self.max_length:
-                pixels = frames_to_tiles(frames, self.image_size)
-                return Sample(ids, labels, pixels, torch.ones(len(frames), dtype=torch.long), source.name, index)
+                values = frames_to_tiles(frames, self.image_size) if pixels else _no_pixels(len(frames))
+                return Sample(ids, labels, values, torch.ones(len(frames), dtype=torch.long), source.name, index)
             if len(frames) == 1:
                 raise SampleError(f"{where}: {len(ids)} tokens with one frame, over max_length={self.max_length}")
             frames = frames[::2] if len(frames) > 2 else frames[:1]  # halve the frame rate and retry
 
-    def _text_only_sample(self, conversations, source, index, where) -> Sample:
+    def _text_only_sample(self, conversations, source, index, where, pixels: bool = True) -> Sample:
         """A text-only sample: one dummy white tile (flag 0), as the official pure-text items."""
         ids, labels = tokenize_conversation(conversations, self.tokenizer, self.template, [])
         if len(ids) > self.max_length:
             raise SampleError(f"{where}: text-only sample of {len(ids)} tokens is over max_length={self.max_length}")
-        dummy = tiles_to_tensor(
-            dynamic_tiles(Image.new("RGB", (224, 224), (255, 255, 255)), 1, 1, self.image_size, self.use_thumbnail),
-            self.image_size,
+        white = Image.new("RGB", (224, 224), (255, 255, 255))
+        dummy = (
+            tiles_to_tensor(dynamic_tiles(white, 1, 1, self.image_size, self.use_thumbnail), self.image_size)
+            if pixels
+            else _no_pixels(1)
         )
         return Sample(ids, labels, dummy, torch.zeros(len(dummy), dtype=torch.long), source.name, index)
 

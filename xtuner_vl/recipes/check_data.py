@@ -59,7 +59,7 @@ def _check_one(job: tuple[int, int]) -> tuple[int, int, int, bool, str | None]:
     ds = _DATASET
     source = ds.sources[s]
     try:
-        sample = ds.build_record(source, r)
+        sample = ds.build_record(source, r, pixels=False)
     except (AnnotationError, ImageError, ConversationError, SampleError) as e:
         return s, 0, 0, False, str(e)
     return s, sample.num_tokens, int(sample.image_flags.sum()), sample.tiles_reduced, None
