@@ -53,3 +53,18 @@ def train_tiny(config: str, model_path: Path, tmp_path: Path, monkeypatch: Any) 
     }
     work = train(str(CONFIG_ROOT / "tiny" / f"{config}.py"), work_dir=str(tmp_path / "work"), cfg_options=options)
     return work, [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+
+
+def assert_reloads_alike(model, source: Path, out: Path, inputs: dict[str, torch.Tensor]) -> None:
+    """``save_official`` of ``model`` keeps ``source``'s weight keys, and both the plain and the streaming load of
+    the saved directory give bitwise ``model``'s logits on ``inputs``."""
+    from xtuner_vl.model import load_internvl, save_official
+    from xtuner_vl.model.loader import open_checkpoint, stream_into
+
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    save_official(model, out, source_dir=source, dtype=torch.float32)
+    assert weight_keys(out) == weight_keys(source)
+    for again in (load_internvl(out, dtype=torch.float32), stream_into(open_checkpoint(out), torch.float32, "cpu")):
+        with torch.no_grad():
+            assert torch.equal(again(**inputs).logits, logits)

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.model.helpers import answer_labels, image_text_inputs, train_tiny, weight_keys
-from xtuner_vl.model import load_internvl, save_official
-from xtuner_vl.model.loader import open_checkpoint, stream_into
+from tests.model.helpers import answer_labels, assert_reloads_alike, image_text_inputs, train_tiny, weight_keys
+from xtuner_vl.model import load_internvl
 from xtuner_vl.recipes.model_wrapper import build_model_wrapper
 from xtuner_vl.tiny.checkpoints import make_tiny
 
@@ -35,17 +34,7 @@ def test_official_keys_round_trip_and_eager_attention(ckpt, tmp_path):
     lm = model.language_model
     assert type(lm).__name__ == "GptOssForCausalLM" and lm.config._attn_implementation == "eager"  # sinks
     assert lm.model.layers[0].self_attn.sliding_window == 8 and lm.model.layers[1].self_attn.sliding_window is None
-    inputs = image_text_inputs(model)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    save_official(model, tmp_path / "saved", source_dir=ckpt, dtype=torch.float32)
-    assert weight_keys(tmp_path / "saved") == keys
-    for again in (
-        load_internvl(tmp_path / "saved", dtype=torch.float32),
-        stream_into(open_checkpoint(tmp_path / "saved"), torch.float32, "cpu"),
-    ):
-        with torch.no_grad():
-            assert torch.equal(again(**inputs).logits, logits)
+    assert_reloads_alike(model, ckpt, tmp_path / "saved", image_text_inputs(model))
 
 
 def test_router_loss_is_always_on_as_the_official_script_sets_it(ckpt):
