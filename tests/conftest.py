@@ -7,15 +7,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
-from xtuner_vl.tiny.checkpoints import make_tiny
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread for the commands the tests start (see pytest_configure)
 
-# Tiny tensors gain nothing from intra-op threads; the cores go to pytest-xdist's workers and the ranks of the
-# multi-process runs (whose launches set OMP_NUM_THREADS=1 themselves). Two threads per worker on two cores
-# oversubscribe them and make the in-process tests several times slower.
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # and for the commands the tests start
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist's controller only hands test files to the workers: it need not spend seconds importing torch.
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+
+    # Tiny tensors gain nothing from intra-op threads; the cores go to pytest-xdist's workers and the ranks of the
+    # multi-process runs (whose launches set OMP_NUM_THREADS=1 themselves). Two threads per worker on two cores
+    # oversubscribe them and make the in-process tests several times slower.
+    torch.set_num_threads(1)
+
 
 # The longest test files (paths under tests/), started first. pytest-xdist runs each file whole on one worker in
 # collection order (pyproject.toml: --dist loadfile --no-loadscope-reorder); a long file collected last would run
@@ -29,7 +35,7 @@ LONGEST_FIRST = (
     "test_wheel.py",
     "checkpoint/test_hf_export.py",
     "engine/test_evaluation.py",
-    "engine/test_zero3_load.py",
+    "engine/test_zero3.py",
     "engine/test_estimate.py",
 )
 _TESTS = Path(__file__).resolve().parent
@@ -48,6 +54,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``tiny_ckpt(family, **config_overrides)`` -> directory of a tiny checkpoint (cached)."""
+    from xtuner_vl.tiny.checkpoints import make_tiny
+
     cache: dict[tuple, Path] = {}
 
     def build(family: str, **overrides) -> Path:
@@ -74,6 +82,8 @@ def lone_process(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
+    import torch
+
     torch.manual_seed(0)
 
 

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -39,9 +41,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run an ``xtuner-vl`` command; print its output when it fails."""
-    proc = subprocess.run([*_CLI, *args], capture_output=True, text=True, **kwargs)
+def _run(args: list[str], fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run the ``xtuner-vl`` command ``args`` with its output captured (printed when it fails): in this process (the
+    command line's own code, without the seconds a fresh interpreter spends importing torch and transformers), or
+    in a fresh interpreter (``fresh``: check-data forks worker processes, which must not inherit this process's
+    OpenMP threads)."""
+    if fresh:
+        proc = subprocess.run([*_CLI, *args], capture_output=True, text=True)
+    else:
+        from xtuner_vl.cli.main import main
+
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                status = main(args)
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 1
+        proc = subprocess.CompletedProcess(args, status or 0, stdout.getvalue(), stderr.getvalue())
     if proc.returncode:
         print(proc.stdout + proc.stderr)
     return proc
@@ -71,7 +87,7 @@ def run_demo(work_dir: str | Path = "work_dirs/demo", steps: int = 700) -> int:
         f"schedule.max_steps={steps}",
     ]
     config = str(find_config(DEMO_CONFIG))
-    check = _run(["check-data", config, "--cfg-options", *options])
+    check = _run(["check-data", config, "--cfg-options", *options], fresh=True)
     if check.returncode:
         return check.returncode
     print("[2/5] check-data: " + check.stdout.strip().splitlines()[-1], flush=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.engine.conftest import run_cli
 from xtuner_vl.engine.deepspeed_config import CONFIG_ROOT
 from xtuner_vl.tiny.data import make_synthetic_dataset
 
@@ -43,13 +44,18 @@ def planted(tiny_ckpt, tmp_path_factory):
     return tiny_ckpt("internvl2-2b"), data, bad, images
 
 
-def _run(args, model, data_paths, images, cwd):
-    opts = [
+def _options(model, data_paths, images) -> list[str]:
+    return [
         f"model.path={model}",
         f"train_dataset.data_paths={json.dumps([str(p) for p in data_paths])}",
         f"train_dataset.image_folders={json.dumps([str(images)] * len(data_paths))}",
         "train_dataset.repeat_times=[2.5,1]",
     ]
+
+
+def _run(args, model, data_paths, images, cwd):
+    """check-data in a fresh interpreter: it forks its worker processes."""
+    opts = _options(model, data_paths, images)
     return subprocess.run(
         [sys.executable, "-m", "xtuner_vl.cli.main", *args, "--cfg-options", *opts],
         cwd=cwd,
@@ -82,7 +88,8 @@ def test_check_data_reports_every_problem_with_file_and_line(planted, tmp_path):
 def test_preview_data_writes_grid_and_marked_prompt(planted, tmp_path):
     model, data, _, images = planted
     out = tmp_path / "s.png"
-    proc = _run(["preview-data", str(CONFIG), "--index", "1", "--out", str(out)], model, [data, data], images, tmp_path)
+    args = ["preview-data", str(CONFIG), "--index", "1", "--out", str(out), "--cfg-options"]
+    proc = run_cli(args + _options(model, [data, data], images), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "s.txt").read_text()
     assert "<|im_start|>assistant\n[[" in text and "<|im_end|>]]" in text  # answer + sep trained

@@ -46,13 +46,17 @@ def cli_args(assets: dict[str, Path], work_dir: Path, *extra: str, config: Path 
     return ["train", str(config), "--work-dir", str(work_dir), *extra, "--cfg-options", *options]
 
 
-# What only a separate process can run: a launcher (torchrun), DeepSpeed (its gloo group ends the process), and
-# the crash hooks that kill the process.
+# What only a separate process can run: a launcher (torchrun), DeepSpeed (its gloo group ends the process), the
+# crash hooks that kill the process, and the commands that read stdin or start worker processes.
 _SUBPROCESS_ENV = ("NPROC_PER_NODE", "NNODES", "XTUNER_VL_CRASH_IN_SAVE")
 
 
 def _needs_subprocess(args: list[str], env: dict[str, str]) -> bool:
-    return args[0] not in ("train", "convert") or "--deepspeed" in args or any(k in env for k in _SUBPROCESS_ENV)
+    return (
+        args[0] not in ("train", "convert", "chat", "preview-data")
+        or "--deepspeed" in args
+        or any(k in env for k in _SUBPROCESS_ENV)
+    )
 
 
 def _run_in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -111,6 +115,37 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_two_nodes(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> list[str]:
+    """``xtuner-vl <args>`` as two nodes on this machine (NNODES=2, NODE_RANK 0 and 1, one process each, ADDR
+    127.0.0.1), as a user starts it on each node; returns each node's output, after both exit with status 0."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        node_env = {
+            **{k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV},
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+            "NNODES": "2",
+            "NODE_RANK": str(node),
+            "NPROC_PER_NODE": "1",
+            "ADDR": "127.0.0.1",
+            "PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "xtuner_vl.cli.main", *args],
+                env=node_env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    return outs
 
 
 def loss_falls(losses: dict[int, float]) -> bool:

@@ -1,80 +1,30 @@
-"""Evaluation during training: the eval loss against a naive reference, on one rank and two (ZeRO-3), the fixed
-prompts' greedy answers, the records in train_log.jsonl and TensorBoard, resume, and the config errors."""
+"""Evaluation during training: the eval loss against a naive reference, the fixed prompts' greedy answers, the
+records in train_log.jsonl and TensorBoard, resume, and the config errors. (Two ZeRO-3 ranks evaluating as one:
+test_zero3.py, in its shared launch.)"""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.engine.conftest import TINY_CONFIG, cli_args, free_port, run_cli
+from tests.engine.conftest import TINY_CONFIG
+from tests.engine.eval_reference import eval_collate, eval_records, eval_set, naive_eval_loss, write_eval_assets
 from xtuner_vl.adapters import apply_lora
-from xtuner_vl.dataset.collate import collate_samples
 from xtuner_vl.engine.checkpoint_dir import rng_state
 from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.evaluation import EvalLossData, Evaluator, eval_shard
 from xtuner_vl.engine.torch_backend import TorchBackend
-from xtuner_vl.model import load_internvl, load_tokenizer
-from xtuner_vl.model.tokenizer import img_context_token_id
-from xtuner_vl.recipes.build_evaluation import build_evaluator, check_evaluation, eval_dataset_args
-from xtuner_vl.recipes.config import load_config
+from xtuner_vl.model import load_internvl
+from xtuner_vl.recipes.build_evaluation import check_evaluation
 from xtuner_vl.recipes.settings import EvaluationSettings
-from xtuner_vl.registry import DATASETS
-from xtuner_vl.structures import IGNORE_INDEX, Sample
 
 ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-BAD_RECORD = '{"conversations": []}'  # unusable: skipped, as in training
 
 
 @pytest.fixture(scope="module")
 def eval_assets(train_assets, tmp_path_factory) -> dict:
-    """7 eval records (an odd count): 2 unusable ones, then 5 of the training data (text-only and images)."""
-    folder = tmp_path_factory.mktemp("eval")
-    good = train_assets["data"].read_text().splitlines()[:5]
-    data = folder / "eval.jsonl"
-    data.write_text("\n".join([BAD_RECORD, BAD_RECORD, *good]) + "\n")
-    image = next(json.loads(r)["image"] for r in good if isinstance(json.loads(r).get("image"), str))
-    prompts = [
-        dict(text="How many squares are there?", image=str(train_assets["images"] / image)),
-        dict(text="What is 1 plus 4?"),
-    ]
-    return {**train_assets, "eval": data, "prompts": prompts}
-
-
-def _eval_set(assets: dict):
-    """The eval set exactly as ``train`` builds it from the tiny config (arguments inherited from train_dataset)."""
-    cfg = load_config(str(TINY_CONFIG))
-    args = eval_dataset_args(
-        cfg.train_dataset, dict(data_paths=[str(assets["eval"])], image_folders=[str(assets["images"])])
-    )
-    return DATASETS.build({"model_path": str(assets["model"]), **args, "tokenizer": load_tokenizer(assets["model"])})
-
-
-def _collate(dataset):
-    return lambda items: collate_samples(items, dataset.tokenizer.pad_token_id, img_context_token_id(dataset.tokenizer))
-
-
-def naive_eval_loss(model, dataset, count: int) -> float:
-    """Sum of per-token cross-entropy / trained tokens over the usable samples of the first ``count``: each sample
-    alone, full logits, float64."""
-    total, tokens = torch.zeros((), dtype=torch.float64), 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(count):
-            s = dataset[i]
-            if not isinstance(s, Sample):
-                continue
-            logits = model(s.pixel_values, s.input_ids[None], image_flags=s.image_flags).logits[0, :-1].double()
-            targets = s.labels[1:]
-            keep = targets != IGNORE_INDEX
-            total += F.cross_entropy(logits[keep], targets[keep], reduction="sum")
-            tokens += int(keep.sum())
-    model.train()
-    return float(total / tokens)
+    return write_eval_assets(train_assets, tmp_path_factory.mktemp("eval"))
 
 
 def test_eval_shard_is_sequential_disjoint_and_even():
@@ -96,12 +46,12 @@ def test_eval_loss_equals_the_naive_reference_and_leaves_the_model_as_it_was(eva
                 p.normal_(std=0.05)
     model.train()
     backend = TorchBackend(model, torch.optim.SGD(model.parameters(), lr=0.0), ONE_RANK, 1.0, bf16=False)
-    dataset = _eval_set(eval_assets)
+    dataset = eval_set(eval_assets)
     modes = [m.training for m in model.modules()]
     rng = rng_state()
     results = {}
     for max_samples in (None, 4):  # batches of 2: the first one holds the two unusable records only
-        data = EvalLossData(dataset, _collate(dataset), micro_batch_size=2, max_samples=max_samples)
+        data = EvalLossData(dataset, eval_collate(dataset), micro_batch_size=2, max_samples=max_samples)
         results[max_samples] = Evaluator(backend, ONE_RANK, 1, 1, data).run(1)
     assert [m.training for m in model.modules()] == modes
     after = rng_state()  # python, numpy, torch: evaluation leaves training's random streams where they were
@@ -112,18 +62,6 @@ def test_eval_loss_equals_the_naive_reference_and_leaves_the_model_as_it_was(eva
     assert full["eval_loss"] == pytest.approx(naive_eval_loss(model, dataset, 7), rel=1e-6)
     assert results[4]["eval_samples"] == 2
     assert results[4]["eval_loss"] == pytest.approx(naive_eval_loss(model, dataset, 4), rel=1e-6)
-
-
-def _records(work: Path) -> tuple[dict[int, float], dict[int, dict]]:
-    """(step -> training loss, step -> evaluation record) of train_log.jsonl; the last record of a step wins."""
-    losses, evals = {}, {}
-    for line in (work / "train_log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            losses[rec["step"]] = rec["loss"]
-        else:
-            evals[rec["step"]] = rec
-    return losses, evals
 
 
 def _options(assets: dict, steps: int, evaluation: dict) -> dict:
@@ -149,7 +87,7 @@ def test_training_with_evaluation_logs_it_and_a_resumed_run_evaluates_the_same(e
     evaluation = dict(interval=2, prompts=eval_assets["prompts"], max_new_tokens=6)
     config = str(TINY_CONFIG)
     train(config, work_dir=str(tmp_path / "eval"), cfg_options=_options(eval_assets, 3, evaluation))
-    losses, evals = _records(tmp_path / "eval")
+    losses, evals = eval_records(tmp_path / "eval")
     assert sorted(losses) == [1, 2, 3]
     assert sorted(evals) == [2, 3]  # the interval, and the last step
     for rec in evals.values():
@@ -167,39 +105,12 @@ def test_training_with_evaluation_logs_it_and_a_resumed_run_evaluates_the_same(e
     resumed = tmp_path / "resumed"
     checkpoint = tmp_path / "eval" / "checkpoints" / "step-00000002"
     train(config, work_dir=str(resumed), resume=str(checkpoint), cfg_options=_options(eval_assets, 3, evaluation))
-    resumed_losses, resumed_evals = _records(resumed)
+    resumed_losses, resumed_evals = eval_records(resumed)
     assert resumed_losses == {3: losses[3]}
     again = resumed_evals[3]
     assert {k: v for k, v in again.items() if k != "eval_seconds"} == {
         k: v for k, v in evals[3].items() if k != "eval_seconds"
     }
-
-
-@pytest.mark.slow
-def test_two_ranks_zero3_evaluate_as_one(eval_assets, tmp_path):
-    """Two ranks under ZeRO-3 (partitioned weights, every rank in every forward; 7 samples split 4 + 3): the eval
-    loss of the checkpoint's weights (lr 0) equals the naive one-rank reference, the answers the one-rank ones."""
-    dataset = _eval_set(eval_assets)
-    model = load_internvl(eval_assets["model"], dtype=torch.float32)
-    reference = naive_eval_loss(model, dataset, 7)
-    s = EvaluationSettings(interval=1, prompts=eval_assets["prompts"], max_new_tokens=6)
-    backend = TorchBackend(model, torch.optim.SGD(model.parameters(), lr=0.0), ONE_RANK, 1.0, bf16=False)
-    answers = build_evaluator(s, None, dataset, _collate(dataset), backend, ONE_RANK, 1, 2, 0).run(1)["eval_chat"]
-    config = tmp_path / "eval_zero3.py"
-    eval_dataset = dict(data_paths=[str(eval_assets["eval"])], image_folders=[str(eval_assets["images"])])
-    config.write_text(
-        f"_base_ = [{str(TINY_CONFIG)!r}]\n"
-        f"eval_dataset = {eval_dataset!r}\n"
-        f"evaluation = dict(interval=1, prompts={eval_assets['prompts']!r}, max_new_tokens=6)\n"
-        "optim = dict(lr=0.0)\nschedule = dict(max_steps=1)\nruntime = dict(save_steps=100)\n"
-    )
-    work = tmp_path / "zero3"
-    env = {"NPROC_PER_NODE": "2", "PORT": str(free_port())}
-    run_cli(cli_args(eval_assets, work, "--deepspeed", "zero3", config=config), env=env, cache=eval_assets["cache"])
-    (rec,) = _records(work)[1].values()
-    assert rec["step"] == 1 and (rec["eval_samples"], rec["eval_skipped"]) == (5, 2)
-    assert rec["eval_loss"] == pytest.approx(reference, rel=1e-5)
-    assert rec["eval_chat"] == answers
 
 
 @pytest.mark.parametrize(

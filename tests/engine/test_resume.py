@@ -1,7 +1,8 @@
 """Crash safety: SIGKILL during a checkpoint write and mid-training, then ``--resume auto``, must give
 bitwise the losses of an uninterrupted run (CPU, fp32, ZeRO-2 on two ranks). The uninterrupted run is also the
-suite's two-rank ZeRO-2 LoRA training run (mixed single-image, multi-image and text-only batches): it must learn,
-and its DeepSpeed checkpoint must convert to the trained model."""
+suite's two-rank ZeRO-2 LoRA training run (mixed single-image, multi-image and text-only batches) and its two-node
+run: started as two nodes on one machine, it must learn, its DeepSpeed checkpoint must convert to the trained model,
+and the one-node runs resumed from the crashes must match it bitwise."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoint.conftest import assert_converts_to_the_trained_model
-from tests.engine.conftest import REPO, assert_two_rank_run_learned, cli_args, free_port, logged_losses, run_cli
+from tests.engine.conftest import (
+    REPO,
+    assert_two_rank_run_learned,
+    cli_args,
+    free_port,
+    logged_losses,
+    run_cli,
+    run_two_nodes,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +65,24 @@ def _kill_when_logged(assets, work, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(train_assets, tmp_path_factory) -> Path:
-    """The uninterrupted run: 24 samples / (2 ranks x 2) = 6 steps per epoch, 2 epochs, checkpoints every 3."""
+def two_nodes(train_assets, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The uninterrupted run, as two nodes of one process each (NNODES=2): 24 samples / (2 ranks x 2) = 6 steps
+    per epoch, 2 epochs, checkpoints every 3. Its work dir and each node's output."""
     work = tmp_path_factory.mktemp("resume") / "reference"
-    run_cli(_args(train_assets, work), env=_env(train_assets))
-    return work
+    outs = run_two_nodes(_args(train_assets, work), env={"XTUNER_VL_CACHE": str(train_assets["cache"])})
+    return work, outs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(two_nodes) -> Path:
+    return two_nodes[0]
+
+
+def test_two_nodes_on_one_machine_train_together(two_nodes):
+    """NNODES=2 with NODE_RANK 0 and 1, one process each, ADDR 127.0.0.1: one world of two ranks."""
+    work, (node0, node1) = two_nodes
+    assert "world 2 x micro-batch 2" in node0
+    assert sorted(logged_losses(work)) == list(range(1, 13))
 
 
 def test_two_process_zero2_run_learns(uninterrupted):

@@ -1,8 +1,9 @@
-"""Two-rank ZeRO-3 checks, run under torchrun by ``tests/engine/test_zero3_load.py`` (one launch for all).
+"""Two-rank ZeRO-3 checks, run under torchrun by ``tests/engine/test_zero3.py`` (one launch for all).
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/engine/zero3_worker.py ASSETS_JSON OUT_JSON``.
 ASSETS_JSON names the tiny checkpoints, the data and a work dir; rank 0 writes what it found to OUT_JSON and
-the test asserts on it, so a failure shows every mismatch at once.
+the test asserts on it, so a failure shows every mismatch at once. The MoE and evaluation runs leave their work
+dirs (logs, checkpoints) for the tests to read.
 """
 
 from __future__ import annotations
@@ -89,15 +90,21 @@ def method_mismatches(path: str, d, **method) -> list[str]:
     return bad
 
 
+def data_options(assets: dict, model: str) -> dict:
+    return {
+        "model.path": model,
+        "train_dataset.data_paths": [assets["data"]],
+        "train_dataset.image_folders": [assets["images"]],
+    }
+
+
 def train_losses(config: str, assets: dict, work: Path, partitioned: bool) -> dict[int, float]:
     """Three ZeRO-3 steps of ``config`` through the real ``train``; the unpartitioned load where not asked."""
     build = InternVLChat.build
     if not partitioned:
         InternVLChat.build = lambda s, device, ds_config=None: build(s, device)
     options = {
-        "model.path": assets["model"],
-        "train_dataset.data_paths": [assets["data"]],
-        "train_dataset.image_folders": [assets["images"]],
+        **data_options(assets, assets["model"]),
         "schedule.max_steps": 3,
         "runtime.save_steps": 100,
         "optim.weight_decay": 0.05,  # weight decay applies to 2-D weights only: partitioned ones must count
@@ -128,6 +135,21 @@ def main(assets_json: str, out_json: str) -> None:
             kind: train_losses(config, assets, work / f"{config}-{kind}", kind == "partitioned")
             for kind in ("unpartitioned", "partitioned")
         }
+    lora = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_lora.py")
+    # Qwen3-MoE with LoRA on every expert, one epoch: 24 samples / (2 ranks x 2) = 6 steps. Length grouping puts the
+    # text-only samples in batches of their own, so every epoch has text-only micro-batches.
+    moe = {**data_options(assets, assets["moe"]), "schedule.epochs": 1, "runtime.save_steps": 100}
+    train_recipe.train(lora, "zero3", str(work / "moe"), cfg_options=moe)
+    # One step at lr 0, then the evaluation of the (unchanged) weights.
+    evaluation = {
+        **data_options(assets, assets["model"]),
+        "eval_dataset": dict(data_paths=[assets["eval"]], image_folders=[assets["images"]]),
+        "evaluation": dict(interval=1, prompts=assets["prompts"], max_new_tokens=assets["max_new_tokens"]),
+        "optim.lr": 0.0,
+        "schedule.max_steps": 1,
+        "runtime.save_steps": 100,
+    }
+    train_recipe.train(lora, "zero3", str(work / "eval"), cfg_options=evaluation)
     if d.is_main:
         Path(out_json).write_text(json.dumps(out, indent=1))
     train_recipe.exit_after_distributed_run()

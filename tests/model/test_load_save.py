@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from tests.engine.conftest import run_cli
 from xtuner_vl.model import load_internvl, save_official
 from xtuner_vl.model.weights import read_state_dict, weight_files
 from xtuner_vl.tiny.families import TINY_FAMILIES
@@ -179,12 +178,7 @@ def test_index_entries_must_stay_inside_the_model_directory(tiny_ckpt, tmp_path,
         index_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"weight_map entry .* points outside the model directory"):
         load_internvl(d)
-    proc = subprocess.run(
-        [sys.executable, "-m", "xtuner_vl.cli.main", "chat", str(d), "--prompt", "hi"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli(["chat", str(d), "--prompt", "hi"], check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("xtuner-vl chat: error: ") and "points outside" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -56,6 +56,8 @@ def _tiles(rows: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = torch.cat([r.pixel_values for r in rows])
     flags = torch.cat([r.image_flags for r in rows])
     real = flags == 1
+    if real.all():  # no padding tiles: no copy
+        return pixels, flags
     if real.any():
         return pixels[real], flags[real]
     return pixels[:1], flags[:1]

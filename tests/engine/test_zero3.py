@@ -1,7 +1,10 @@
-"""ZeRO-3 loading straight into partitioned parameters: the same weights as the plain load, the same errors,
-the method applied after it, and training that matches the unpartitioned load step for step.
+"""ZeRO-3 on two ranks. Loading straight into partitioned parameters: the same weights as the plain load, the same
+errors, the method applied after it, and training that matches the unpartitioned load step for step. Training the
+Qwen3-MoE family with LoRA on every expert, and evaluation with every rank in every forward.
 
-The two-rank checks share one torchrun launch of ``zero3_worker.py`` (about 45 s on two cores)."""
+The two-rank checks share one torchrun launch of ``zero3_worker.py``, which runs the real ``train`` in each rank: a
+launch costs each rank about 10 s of CPU importing torch, transformers, peft and DeepSpeed before any work. The
+launcher path itself (``xtuner-vl train`` under torchrun) is tested by test_train_runs.py and test_resume.py."""
 
 from __future__ import annotations
 
@@ -14,22 +17,38 @@ import pytest
 import torch
 from torch import nn
 
-from tests.engine.conftest import REPO, free_port
+from tests.engine.conftest import REPO, assert_two_rank_run_learned, free_port
+from tests.engine.eval_reference import eval_collate, eval_records, eval_set, naive_eval_loss, write_eval_assets
 from tests.model.test_streaming_load import corrupt_checkpoint
 from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
+from xtuner_vl.engine.dist import DistInfo
+from xtuner_vl.engine.torch_backend import TorchBackend
 from xtuner_vl.engine.zero3_load import full_numel, full_shape, prepare_for_engine
 from xtuner_vl.model import load_internvl
+from xtuner_vl.recipes.build_evaluation import build_evaluator
 from xtuner_vl.recipes.model_wrapper import InternVLChat
+from xtuner_vl.recipes.settings import EvaluationSettings
 
 FAMILIES = ("internvl2-2b", "internvl2-40b", "internvl2-4b", "internvl2-1b", "internvl3_5-1b")  # + Qwen3, tied head
+MOE = "internvl3_5-30b-a3b"  # the Qwen3-MoE family
+EVAL_NEW_TOKENS = 6  # the fixed prompts' answers
 
 
 @pytest.fixture(scope="module")
-def two_ranks(train_assets, tiny_ckpt, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("zero3-load")
+def eval_assets(train_assets, tmp_path_factory) -> dict:
+    return write_eval_assets(train_assets, tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(train_assets, eval_assets, tiny_ckpt, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("zero3")
     assets = {
         "families": {f: str(tiny_ckpt(f)) for f in FAMILIES},
         **{k: str(train_assets[k]) for k in ("model", "data", "images")},
+        "moe": str(tiny_ckpt(MOE)),
+        "eval": str(eval_assets["eval"]),
+        "prompts": eval_assets["prompts"],
+        "max_new_tokens": EVAL_NEW_TOKENS,
         "work": str(tmp / "work"),
     }
     (tmp / "assets.json").write_text(json.dumps(assets))
@@ -38,7 +57,7 @@ def two_ranks(train_assets, tiny_ckpt, tmp_path_factory) -> dict:
     cmd += [str(REPO / "tests" / "engine" / "zero3_worker.py"), str(tmp / "assets.json"), str(tmp / "out.json")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((tmp / "out.json").read_text())
+    return {**json.loads((tmp / "out.json").read_text()), "work": tmp / "work"}
 
 
 @pytest.mark.slow
@@ -62,6 +81,32 @@ def test_training_matches_the_unpartitioned_load(two_ranks, config):
     runs = two_ranks["losses"][config]
     assert sorted(runs["partitioned"]) == ["1", "2", "3"]
     assert runs["partitioned"] == runs["unpartitioned"]
+
+
+@pytest.mark.slow
+def test_moe_lora_run_learns(two_ranks):
+    """Two ranks under ZeRO-3 with mixed single-image, multi-image and text-only batches, on the Qwen3-MoE family
+    (InternVL3.5-30B-A3B): the ranks route their tokens to different experts, text-only micro-batches included,
+    with LoRA on every expert; no hang, and the run learns (:func:`assert_two_rank_run_learned`). The ZeRO-2 run of
+    the InternVL2 family is test_resume.py's uninterrupted reference run."""
+    assert_two_rank_run_learned(two_ranks["work"] / "moe", "zero3", 6, moe=True)  # 24 samples / (2 ranks x 2)
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_as_one(two_ranks, eval_assets):
+    """Two ranks under ZeRO-3 (partitioned weights, every rank in every forward; 7 samples split 4 + 3): the eval
+    loss of the checkpoint's weights (lr 0) equals the naive one-rank reference, the answers the one-rank ones."""
+    dataset = eval_set(eval_assets)
+    model = load_internvl(eval_assets["model"], dtype=torch.float32)
+    reference = naive_eval_loss(model, dataset, 7)
+    s = EvaluationSettings(interval=1, prompts=eval_assets["prompts"], max_new_tokens=EVAL_NEW_TOKENS)
+    one_rank = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    backend = TorchBackend(model, torch.optim.SGD(model.parameters(), lr=0.0), one_rank, 1.0, bf16=False)
+    answers = build_evaluator(s, None, dataset, eval_collate(dataset), backend, one_rank, 1, 2, 0).run(1)["eval_chat"]
+    (rec,) = eval_records(two_ranks["work"] / "eval")[1].values()
+    assert rec["step"] == 1 and (rec["eval_samples"], rec["eval_skipped"]) == (5, 2)
+    assert rec["eval_loss"] == pytest.approx(reference, rel=1e-5)
+    assert rec["eval_chat"] == answers
 
 
 def _zero3(hidden: int = 64) -> dict:
