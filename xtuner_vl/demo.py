@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import socket
@@ -49,15 +47,9 @@ def _run(args: list[str], fresh: bool = False) -> subprocess.CompletedProcess:
     if fresh:
         proc = subprocess.run([*_CLI, *args], capture_output=True, text=True)
     else:
-        from xtuner_vl.cli.main import main
+        from xtuner_vl.cli.main import run_captured
 
-        stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                status = main(args)
-            except SystemExit as e:
-                status = e.code if isinstance(e.code, int) else 1
-        proc = subprocess.CompletedProcess(args, status or 0, stdout.getvalue(), stderr.getvalue())
+        proc = run_captured(args)
     if proc.returncode:
         print(proc.stdout + proc.stderr)
     return proc

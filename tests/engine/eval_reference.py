@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from tests.engine.conftest import TINY_CONFIG
 from xtuner_vl.dataset.collate import collate_samples
+from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.model import load_tokenizer
 from xtuner_vl.model.tokenizer import img_context_token_id
 from xtuner_vl.recipes.build_evaluation import eval_dataset_args
@@ -19,6 +20,7 @@ from xtuner_vl.registry import DATASETS
 from xtuner_vl.structures import IGNORE_INDEX, Sample
 
 BAD_RECORD = '{"conversations": []}'  # unusable: skipped, as in training
+ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def write_eval_assets(train_assets: dict, folder: Path) -> dict:

@@ -9,17 +9,21 @@ import pytest
 import torch
 
 from tests.engine.conftest import TINY_CONFIG
-from tests.engine.eval_reference import eval_collate, eval_records, eval_set, naive_eval_loss, write_eval_assets
+from tests.engine.eval_reference import (
+    ONE_RANK,
+    eval_collate,
+    eval_records,
+    eval_set,
+    naive_eval_loss,
+    write_eval_assets,
+)
 from xtuner_vl.adapters import apply_lora
 from xtuner_vl.engine.checkpoint_dir import rng_state
-from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.evaluation import EvalLossData, Evaluator, eval_shard
 from xtuner_vl.engine.torch_backend import TorchBackend
 from xtuner_vl.model import load_internvl
 from xtuner_vl.recipes.build_evaluation import check_evaluation
 from xtuner_vl.recipes.settings import EvaluationSettings
-
-ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

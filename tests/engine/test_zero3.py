@@ -18,10 +18,16 @@ import torch
 from torch import nn
 
 from tests.engine.conftest import REPO, assert_two_rank_run_learned, free_port
-from tests.engine.eval_reference import eval_collate, eval_records, eval_set, naive_eval_loss, write_eval_assets
+from tests.engine.eval_reference import (
+    ONE_RANK,
+    eval_collate,
+    eval_records,
+    eval_set,
+    naive_eval_loss,
+    write_eval_assets,
+)
 from tests.model.test_streaming_load import corrupt_checkpoint
 from xtuner_vl.engine.deepspeed_config import complete_deepspeed_config, load_deepspeed_config
-from xtuner_vl.engine.dist import DistInfo
 from xtuner_vl.engine.torch_backend import TorchBackend
 from xtuner_vl.engine.zero3_load import full_numel, full_shape, prepare_for_engine
 from xtuner_vl.model import load_internvl
@@ -100,9 +106,8 @@ def test_two_ranks_evaluate_as_one(two_ranks, eval_assets):
     model = load_internvl(eval_assets["model"], dtype=torch.float32)
     reference = naive_eval_loss(model, dataset, 7)
     s = EvaluationSettings(interval=1, prompts=eval_assets["prompts"], max_new_tokens=EVAL_NEW_TOKENS)
-    one_rank = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    backend = TorchBackend(model, torch.optim.SGD(model.parameters(), lr=0.0), one_rank, 1.0, bf16=False)
-    answers = build_evaluator(s, None, dataset, eval_collate(dataset), backend, one_rank, 1, 2, 0).run(1)["eval_chat"]
+    backend = TorchBackend(model, torch.optim.SGD(model.parameters(), lr=0.0), ONE_RANK, 1.0, bf16=False)
+    answers = build_evaluator(s, None, dataset, eval_collate(dataset), backend, ONE_RANK, 1, 2, 0).run(1)["eval_chat"]
     (rec,) = eval_records(two_ranks["work"] / "eval")[1].values()
     assert rec["step"] == 1 and (rec["eval_samples"], rec["eval_skipped"]) == (5, 2)
     assert rec["eval_loss"] == pytest.approx(reference, rel=1e-5)

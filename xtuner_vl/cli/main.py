@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -284,6 +288,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a traceback would bury it (XTUNER_VL_DEBUG=1 shows it).
         print(f"xtuner-vl {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 1
+
+
+def run_captured(argv: Sequence[str]) -> subprocess.CompletedProcess:
+    """``xtuner-vl <argv>`` in this process, as a fresh interpreter would end it: stdout and stderr captured, the
+    exit status of ``SystemExit``, an uncaught exception's traceback in stderr with status 1."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            status = main(list(argv))
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(list(argv), status or 0, stdout.getvalue(), stderr.getvalue())
 
 
 if __name__ == "__main__":
