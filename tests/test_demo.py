@@ -9,13 +9,15 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from xtuner_vl.dataset import InternVLDataset
+from xtuner_vl.dataset.image import load_image
 from xtuner_vl.demo import PASS_ACCURACY
 from xtuner_vl.model import load_internvl, load_tokenizer
 from xtuner_vl.structures import IGNORE_INDEX
 from xtuner_vl.tiny.checkpoints import make_tiny
-from xtuner_vl.tiny.data import SMALL_SIZES
+from xtuner_vl.tiny.data import COLOURS, SMALL_SIZES, draw_scene
 from xtuner_vl.tiny.quiz import CHOICES, choose_answer, make_quiz, quiz_accuracy_of_dir
 
 
@@ -86,3 +88,19 @@ def test_quiz_scoring_and_chance_level(tmp_path):
             picks.append(choose_answer(model, samples))
             assert picks[-1] == _reference_choice(model, samples)
     assert len(set(picks)) > 1  # not a constant answer
+
+
+@pytest.mark.parametrize("shape", ["square", "circle"])
+def test_scenes_are_palette_pngs_that_read_as_their_colours(tmp_path, shape):
+    """A scene is written with one byte per pixel (a palette of the canvas and the shape colours) and reads back, as
+    training reads every image (``convert('RGB')``), as a grey canvas with shapes of the asked colour."""
+    path = tmp_path / "scene.png"
+    draw_scene((640, 480), "blue", 3, "bottom right", shape).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode == "P"
+    rgb = load_image(path)
+    assert rgb.mode == "RGB" and rgb.getpixel((5, 5)) == (235, 235, 235)
+    centres = [(2 * 160 + 80, 2 * 120 + 60), (3 * 160 + 80, 2 * 120 + 60), (2 * 160 + 80, 3 * 120 + 60)]
+    assert [rgb.getpixel(c) for c in centres] == [COLOURS["blue"]] * 3
+    assert rgb.getpixel((3 * 160 + 80, 3 * 120 + 60)) == (235, 235, 235)  # the fourth cell stays empty
+    assert {colour for _, colour in rgb.getcolors()} == {(235, 235, 235), COLOURS["blue"]}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.engine.conftest import REPO, run_cli
-from xtuner_vl.cli.main import main
+from tests.engine.conftest import run_cli
+from xtuner_vl.cli.main import main, run_captured
 from xtuner_vl.dataset import ConversationError, frames_to_tiles, get_template, load_image_tiles, load_video_frames
 from xtuner_vl.dataset.image import tile_count
 from xtuner_vl.model import load_internvl, load_tokenizer
@@ -69,16 +68,13 @@ def assets(train_assets) -> dict:
 
 
 def _run_with_stdin(args: list[str], stdin: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "xtuner_vl.cli.main", *args],
-        input=stdin,
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """``xtuner-vl <args>`` in this process (the command line's own code) with ``stdin`` as its standard input."""
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        proc = run_captured(args)
+    finally:
+        sys.stdin = saved
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

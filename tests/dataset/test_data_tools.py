@@ -65,15 +65,15 @@ def _run(args, model, data_paths, images, cwd):
     )
 
 
-def test_check_data_reports_every_problem_with_file_and_line(planted, tmp_path):
+@pytest.mark.parametrize("workers", ["2", "1"])
+def test_check_data_reports_every_problem_with_file_and_line(planted, tmp_path, workers):
+    """The same report from worker processes and from this process alone (``--workers 1``, nothing forked)."""
     model, data, bad, images = planted
-    proc = _run(
-        ["check-data", str(CONFIG), "--workers", "2", "--report", str(tmp_path / "r.txt")],
-        model,
-        [data, bad],
-        images,
-        tmp_path,
-    )
+    args = ["check-data", str(CONFIG), "--workers", workers, "--report", str(tmp_path / "r.txt")]
+    if workers == "1":
+        proc = run_cli([*args, "--cfg-options", *_options(model, [data, bad], images)], check=False)
+    else:
+        proc = _run(args, model, [data, bad], images, tmp_path)
     out = proc.stdout
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "records 12, after repeats 30, usable 12, problems 0" in out

@@ -44,13 +44,14 @@ def cli_args(assets: dict[str, Path], work_dir: Path, *extra: str, config: Path 
 
 
 # What only a separate process can run: a launcher (torchrun), DeepSpeed (its gloo group ends the process), the
-# crash hooks that kill the process, and the commands that read stdin or start worker processes.
+# crash hooks that kill the process, and the commands that start worker processes (check-data but with --workers 1).
 _SUBPROCESS_ENV = ("NPROC_PER_NODE", "NNODES", "XTUNER_VL_CRASH_IN_SAVE")
 
 
 def _needs_subprocess(args: list[str], env: dict[str, str]) -> bool:
+    one_worker = args[0] == "check-data" and "--workers" in args and args[args.index("--workers") + 1] == "1"
     return (
-        args[0] not in ("train", "convert", "chat", "preview-data")
+        (args[0] not in ("train", "convert", "chat", "preview-data") and not one_worker)
         or "--deepspeed" in args
         or any(k in env for k in _SUBPROCESS_ENV)
     )

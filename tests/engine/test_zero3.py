@@ -1,10 +1,11 @@
 """ZeRO-3 on two ranks. Loading straight into partitioned parameters: the same weights as the plain load, the same
 errors, the method applied after it, and training that matches the unpartitioned load step for step. Training the
-Qwen3-MoE family with LoRA on every expert, and evaluation with every rank in every forward.
+Qwen3-MoE family with LoRA on every expert, a packed full fine-tune with accumulation that converts, and evaluation
+with every rank in every forward.
 
 The two-rank checks share one torchrun launch of ``zero3_worker.py``, which runs the real ``train`` in each rank: a
 launch costs each rank about 10 s of CPU importing torch, transformers, peft and DeepSpeed before any work. The
-launcher path itself (``xtuner-vl train`` under torchrun) is tested by test_train_runs.py and test_resume.py."""
+launcher path itself (``xtuner-vl train`` under torchrun) is tested by test_resume.py and test_reliability.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.engine.conftest import REPO, assert_two_rank_run_learned, free_port
+from tests.checkpoint.conftest import assert_converts_to_the_trained_model
+from tests.engine.conftest import REPO, assert_two_rank_run_learned, free_port, logged_losses, loss_falls
 from tests.engine.eval_reference import (
     ONE_RANK,
     eval_collate,
@@ -63,7 +65,7 @@ def two_ranks(train_assets, eval_assets, tiny_ckpt, tmp_path_factory) -> dict:
     cmd += [str(REPO / "tests" / "engine" / "zero3_worker.py"), str(tmp / "assets.json"), str(tmp / "out.json")]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {**json.loads((tmp / "out.json").read_text()), "work": tmp / "work"}
+    return {**json.loads((tmp / "out.json").read_text()), "work": tmp / "work", "output": proc.stdout + proc.stderr}
 
 
 @pytest.mark.slow
@@ -96,6 +98,23 @@ def test_moe_lora_run_learns(two_ranks):
     with LoRA on every expert; no hang, and the run learns (:func:`assert_two_rank_run_learned`). The ZeRO-2 run of
     the InternVL2 family is test_resume.py's uninterrupted reference run."""
     assert_two_rank_run_learned(two_ranks["work"] / "moe", "zero3", 6, moe=True)  # 24 samples / (2 ranks x 2)
+
+
+@pytest.mark.slow
+def test_packed_full_run_with_accumulation_converts(two_ranks, tmp_path):
+    """Full fine-tuning with packing under ZeRO-3 and gradient accumulation on two ranks: rows of several samples,
+    loss still falls; the partitioned DeepSpeed checkpoint converts to the official format with the trained model's
+    logits."""
+    work, out = two_ranks["work"] / "packed", two_ranks["output"]
+    assert "packs" in out and "accum 2" in out
+    losses = logged_losses(work)
+    assert len(losses) >= 6 and loss_falls(losses), losses
+    # Model FLOPs of the real samples per second and GPU, and the MFU against the given peak (10 GFLOP/s).
+    records = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["tflops_per_gpu"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.01) for r in records)
+    assert " mfu " in out
+    assert (max(work.glob("checkpoints/step-*")) / "engine").is_dir()  # a DeepSpeed checkpoint
+    assert_converts_to_the_trained_model(work, tmp_path / "official")
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/engine/zero3_worker.py ASSETS_JSON OUT_JSON``.
 ASSETS_JSON names the tiny checkpoints, the data and a work dir; rank 0 writes what it found to OUT_JSON and
-the test asserts on it, so a failure shows every mismatch at once. The MoE and evaluation runs leave their work
-dirs (logs, checkpoints) for the tests to read.
+the test asserts on it, so a failure shows every mismatch at once. The MoE, packed and evaluation runs leave their
+work dirs (logs, checkpoints) for the tests to read.
 """
 
 from __future__ import annotations
@@ -140,6 +140,21 @@ def main(assets_json: str, out_json: str) -> None:
     # text-only samples in batches of their own, so every epoch has text-only micro-batches.
     moe = {**data_options(assets, assets["moe"]), "schedule.epochs": 1, "runtime.save_steps": 100}
     train_recipe.train(lora, "zero3", str(work / "moe"), cfg_options=moe)
+    # Full fine-tuning with packing (rows of several samples) and gradient accumulation 2: 24 samples in packs of at
+    # most 1024 tokens and 6 tiles, one pack per micro-batch, 3 epochs; the given peak makes the MFU checkable.
+    packed = {
+        **data_options(assets, assets["model"]),
+        "dataloader.pack": True,
+        "dataloader.pack_max_tiles": 6,
+        "train_dataset.max_length": 1024,
+        "schedule.global_batch_size": 4,
+        "schedule.micro_batch_size": 1,
+        "schedule.epochs": 3,
+        "runtime.save_steps": 1000,
+        "runtime.peak_tflops": 0.01,
+    }
+    full = str(CONFIG_ROOT / "tiny" / "tiny_internvl2_full.py")
+    train_recipe.train(full, "zero3", str(work / "packed"), cfg_options=packed)
     # One step at lr 0, then the evaluation of the (unchanged) weights.
     evaluation = {
         **data_options(assets, assets["model"]),

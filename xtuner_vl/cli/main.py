@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run_captured", "train_preflight_failed"]
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -29,13 +29,21 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(work_dir=args.work_dir, steps=args.steps)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from xtuner_vl.cli.launch import needs_torchrun, relaunch_with_torchrun
+def train_preflight_failed(config: str, work_dir: str | None, cfg_options: dict | None) -> bool:
+    """``train``'s checks before anything starts (before torchrun: one line per problem here instead of a traceback
+    from every rank); prints each problem and returns True when there is one."""
     from xtuner_vl.recipes.preflight import preflight
 
-    # Before torchrun: one line per problem here instead of a traceback from every rank.
-    if problems := preflight(args.config, args.work_dir, args.cfg_options):
-        print("\n".join(f"xtuner-vl train: error: {p}" for p in problems), file=sys.stderr)
+    problems = preflight(config, work_dir, cfg_options)
+    for problem in problems:
+        print(f"xtuner-vl train: error: {problem}", file=sys.stderr)
+    return bool(problems)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from xtuner_vl.cli.launch import needs_torchrun, relaunch_with_torchrun
+
+    if train_preflight_failed(args.config, args.work_dir, args.cfg_options):
         return 2
     if needs_torchrun():
         return relaunch_with_torchrun(sys.argv[1:] if args.argv is None else args.argv)
@@ -183,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="validate every record of the config's data sources")
     p.add_argument("config")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes (default: all cores; 1: checks in this process)"
+    )
     p.add_argument("--report", default=None, help="also write the report to this file")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None)
     p.set_defaults(func=_check_data)

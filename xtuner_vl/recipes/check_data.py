@@ -1,13 +1,14 @@
 """``xtuner-vl check-data``: validate every record of every source before hours of training.
 
 Each record is built exactly as training would build it (images decoded and tiled, conversation
-tokenized), in parallel worker processes, with a progress bar. Prints per-source counts before and
-after repeats, token-length and tiles histograms, over-length counts, and every problem as
-``file:line: reason``. Exits non-zero when a record is unusable.
+tokenized), in parallel worker processes (in this process with ``--workers 1``), with a progress bar.
+Prints per-source counts before and after repeats, token-length and tiles histograms, over-length
+counts, and every problem as ``file:line: reason``. Exits non-zero when a record is unusable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 from collections import Counter
@@ -28,7 +29,7 @@ from xtuner_vl.registry import DATASETS
 
 __all__ = ["check_data", "DataReport"]
 
-_DATASET: InternVLDataset | None = None  # set in the parent before forking the workers
+_DATASET: InternVLDataset | None = None  # set in the parent before forking the workers, cleared at the end
 
 
 @dataclass
@@ -90,8 +91,12 @@ def check_data(config: str, cfg_options: dict | None = None, workers: int | None
     ]
     jobs = [(i, r) for i, s in enumerate(ds.sources) for r in range(len(s.annotations))]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    with mp.get_context("fork").Pool(workers) as pool:
-        results = pool.imap_unordered(_check_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
+    with contextlib.ExitStack() as stack:
+        if workers == 1:  # no worker process: this one checks every record (nothing is forked)
+            results = map(_check_one, jobs)
+        else:
+            pool = stack.enter_context(mp.get_context("fork").Pool(workers))
+            results = pool.imap_unordered(_check_one, jobs, chunksize=max(1, len(jobs) // (workers * 16)))
         for s, tokens, tiles, reduced, problem in tqdm(results, total=len(jobs), desc="check-data"):
             rep = reports[s]
             if problem is not None:
@@ -101,6 +106,7 @@ def check_data(config: str, cfg_options: dict | None = None, workers: int | None
             rep.lengths.append(tokens)
             rep.tiles.append(tiles)
             rep.reduced += reduced
+    _DATASET = None
     for rep in reports:
         rep.problems.sort(key=_line_key)
     return DataReport(reports)
