@@ -44,7 +44,7 @@ def cli_args(assets: dict[str, Path], work_dir: Path, *extra: str, config: Path 
 
 
 # What only a separate process can run: a launcher (torchrun), DeepSpeed (its gloo group ends the process), the
-# crash hooks that kill the process, and the commands that start worker processes (check-data but with --workers 1).
+# crash hooks that kill the process, and the commands that start worker processes (check-data, unless --workers 1).
 _SUBPROCESS_ENV = ("NPROC_PER_NODE", "NNODES", "XTUNER_VL_CRASH_IN_SAVE")
 
 
