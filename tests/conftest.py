@@ -28,15 +28,17 @@ def pytest_configure(config: pytest.Config) -> None:
 # alone at the end while the other cores idle.
 LONGEST_FIRST = (
     "test_demo.py",
-    "engine/test_train_runs.py",
-    "test_gpu_check.py",
     "engine/test_resume.py",
-    "engine/test_reliability.py",
-    "test_wheel.py",
-    "checkpoint/test_hf_export.py",
-    "engine/test_evaluation.py",
+    "test_gpu_check.py",
     "engine/test_zero3.py",
     "engine/test_estimate.py",
+    "engine/test_reliability.py",
+    "checkpoint/test_hf_export.py",
+    "engine/test_train_runs.py",
+    "engine/test_dist_setup.py",
+    "test_wheel.py",
+    "cli/test_launch.py",
+    "dataset/test_data_tools.py",
 )
 _TESTS = Path(__file__).resolve().parent
 
